@@ -18,6 +18,7 @@ app = typer.Typer(
 # present yet (work in progress) is skipped; any other import error is raised.
 _SUBCOMMANDS = [
     ("dsv41.modeling.cli", "register", None),
+    ("dsv41.training.cli", "register", None),
     ("dsv41.kernels.cli", "register", None),
     ("dsv41.quantization.cli", "register", None),
     ("dsv41.evals.cli", "register", None),

@@ -282,6 +282,8 @@ class DeepseekV4Compressor(nn.Module):
         for b, row_state in enumerate(ctx.state.rows):
             valid = ctx.valid_index[b]
             rows.append(self.step_row(kv_all[b, valid], gate_all[b, valid], row_state[name], rotary))
+        if len(rows) == 1:
+            return rows[0].unsqueeze(0), torch.tensor([rows[0].shape[0]], device=hidden.device)
         counts = torch.tensor([r.shape[0] for r in rows], device=hidden.device, dtype=torch.long)
         n_max = int(counts.max()) if len(rows) else 0
         entries = hidden.new_zeros((len(rows), n_max, self.head_dim))
@@ -363,6 +365,7 @@ class StepContext:
         self.state_for_layer = state_for_layer
         self.valid_index = valid_index  # per row: indices of real tokens (only with a cache)
         self.state = None
+        self.sliding_mask = None
 
 
 class DeepseekV4Attention(nn.Module):
@@ -405,10 +408,11 @@ class DeepseekV4Attention(nn.Module):
         if state is not None:
             keep = self.sliding_window - 1
             state.keys, state.key_pos = keys[:, -keep:] if keep else keys[:, :0], key_pos[:, -keep:] if keep else key_pos[:, :0]
-        q_pos = positions.unsqueeze(-1)
-        k_pos = key_pos.unsqueeze(1)
-        mask = (k_pos >= 0) & (k_pos <= q_pos) & (k_pos > q_pos - self.sliding_window)
-        return keys, mask
+        # every layer holds the same key positions, so the mask is built once per forward call
+        if ctx.sliding_mask is None:
+            q_pos, k_pos = positions.unsqueeze(-1), key_pos.unsqueeze(1)
+            ctx.sliding_mask = (k_pos >= 0) & (k_pos <= q_pos) & (k_pos > q_pos - self.sliding_window)
+        return keys, ctx.sliding_mask
 
     def forward(self, hidden, rotary, ctx: StepContext, cos_sin):
         B, S, _ = hidden.shape
@@ -469,9 +473,14 @@ class DeepseekV4HyperConnection(nn.Module):
         post = 2 * torch.sigmoid(post_w * self.scale[1] + post_b)
         comb = torch.softmax(comb_w.view(B, S, n, n) * self.scale[2] + comb_b.view(n, n), dim=-1) + self.hc_eps
         comb = comb / (comb.sum(dim=-2, keepdim=True) + self.hc_eps)
-        for _ in range(self.iters - 1):
-            comb = comb / (comb.sum(dim=-1, keepdim=True) + self.hc_eps)
-            comb = comb / (comb.sum(dim=-2, keepdim=True) + self.hc_eps)
+        if not torch.is_grad_enabled():  # same arithmetic, without allocating per iteration
+            for _ in range(self.iters - 1):
+                comb.div_(comb.sum(dim=-1, keepdim=True).add_(self.hc_eps))
+                comb.div_(comb.sum(dim=-2, keepdim=True).add_(self.hc_eps))
+        else:
+            for _ in range(self.iters - 1):
+                comb = comb / (comb.sum(dim=-1, keepdim=True) + self.hc_eps)
+                comb = comb / (comb.sum(dim=-2, keepdim=True) + self.hc_eps)
         collapsed = (pre.unsqueeze(-1) * streams).sum(dim=2).to(streams.dtype)
         return post, comb, collapsed
 
@@ -586,7 +595,7 @@ class DeepseekV4SparseMoeBlock(nn.Module):
         B, S, D = hidden.shape
         flat = hidden.reshape(-1, D)
         _, weights, indices = self.gate(flat, input_ids)
-        if not torch.jit.is_tracing():
+        if self.training:
             self.last_expert_load = torch.bincount(indices.reshape(-1), minlength=self.experts.num_experts).detach()
         routed = self.experts(flat, indices, weights.to(flat.dtype)).view(B, S, D)
         return routed + self.shared_experts(hidden)
