@@ -58,6 +58,10 @@ _LAYER_RENAMES = [
     ("mlp.shared_experts.gate_proj.weight", "ffn.shared_experts.w1.weight"),
     ("mlp.shared_experts.down_proj.weight", "ffn.shared_experts.w2.weight"),
     ("mlp.shared_experts.up_proj.weight", "ffn.shared_experts.w3.weight"),
+    # MTP (next-n) layers only
+    ("enorm.weight", "enorm.weight"), ("hnorm.weight", "hnorm.weight"),
+    ("e_proj.weight", "e_proj.weight"), ("h_proj.weight", "h_proj.weight"), ("norm.weight", "norm.weight"),
+    ("hc_head.hc_fn", "hc_head_fn"), ("hc_head.hc_base", "hc_head_base"), ("hc_head.hc_scale", "hc_head_scale"),
 ]
 _TOP_RENAMES = [
     ("model.embed_tokens.weight", "embed.weight"),
@@ -67,7 +71,7 @@ _TOP_RENAMES = [
     ("model.hc_head.hc_base", "hc_head_base"),
     ("model.hc_head.hc_scale", "hc_head_scale"),
 ]
-_LAYER_KEY = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+_LAYER_KEY = re.compile(r"^model\.(layers|mtp)\.(\d+)\.(.+)$")
 
 
 def to_official(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -82,8 +86,8 @@ def to_official(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         match = _LAYER_KEY.match(key)
         if match is None:
             raise KeyError(f"no official name for tensor {key!r}")
-        idx, leaf = match.groups()
-        prefix = f"layers.{idx}."
+        group, idx, leaf = match.groups()
+        prefix = f"{group}.{idx}."
         if leaf == "mlp.experts.gate_up_proj":
             inter = tensor.shape[1] // 2
             for e in range(tensor.shape[0]):
@@ -105,7 +109,7 @@ def from_official(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
     layer = {v: k for k, v in _LAYER_RENAMES}
     out: dict[str, torch.Tensor] = {}
     experts: dict[tuple[str, str], dict[int, torch.Tensor]] = {}
-    expert_key = re.compile(r"^layers\.(\d+)\.ffn\.experts\.(\d+)\.(w[123])\.weight$")
+    expert_key = re.compile(r"^((?:layers|mtp)\.\d+)\.ffn\.experts\.(\d+)\.(w[123])\.weight$")
     for key, tensor in state_dict.items():
         if key in top:
             out[top[key]] = tensor
@@ -114,21 +118,19 @@ def from_official(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
         if m:
             experts.setdefault((m.group(1), m.group(3)), {})[int(m.group(2))] = tensor
             continue
-        m = re.match(r"^layers\.(\d+)\.(.+)$", key)
+        m = re.match(r"^((?:layers|mtp)\.\d+)\.(.+)$", key)
         if m is None or m.group(2) not in layer:
             raise KeyError(f"unknown tensor {key!r} in an official-naming checkpoint")
-        out[f"model.layers.{m.group(1)}.{layer[m.group(2)]}"] = tensor
-    for idx in sorted({i for i, _ in experts}, key=int):
+        out[f"model.{m.group(1)}.{layer[m.group(2)]}"] = tensor
+    for idx in sorted({i for i, _ in experts}):
         w1, w2, w3 = (experts.get((idx, w), {}) for w in ("w1", "w2", "w3"))
         n = max(len(w1), len(w2), len(w3))
         for name, group in (("w1", w1), ("w2", w2), ("w3", w3)):
             missing = sorted(set(range(n)) - set(group))
             if missing:
-                raise KeyError(f"missing tensor layers.{idx}.ffn.experts.{missing[0]}.{name}.weight")
-        out[f"model.layers.{idx}.mlp.experts.gate_up_proj"] = torch.stack(
-            [torch.cat([w1[e], w3[e]], dim=0) for e in range(n)]
-        )
-        out[f"model.layers.{idx}.mlp.experts.down_proj"] = torch.stack([w2[e] for e in range(n)])
+                raise KeyError(f"missing tensor {idx}.ffn.experts.{missing[0]}.{name}.weight")
+        out[f"model.{idx}.mlp.experts.gate_up_proj"] = torch.stack([torch.cat([w1[e], w3[e]], dim=0) for e in range(n)])
+        out[f"model.{idx}.mlp.experts.down_proj"] = torch.stack([w2[e] for e in range(n)])
     return out
 
 
@@ -167,7 +169,11 @@ def save_checkpoint(model, save_directory, naming: str = "official", max_shard_s
     config = model.config
     config.architectures = ["DeepseekV4ForCausalLM"]
     config.auto_map = dict(AUTO_MAP)
-    config.save_pretrained(save_directory)
+    use_mtp, config.use_mtp = config.use_mtp, False  # MTP weights are saved; loading them stays opt-in
+    try:
+        config.save_pretrained(save_directory)
+    finally:
+        config.use_mtp = use_mtp
     if getattr(model, "generation_config", None) is not None and model.can_generate():
         model.generation_config.save_pretrained(save_directory)
     here = Path(__file__).resolve().parent
@@ -197,7 +203,7 @@ def checkpoint_keys(path) -> dict[str, tuple[str, tuple[int, ...]]]:
 
 
 def _expected_checkpoint_shapes(model) -> dict[str, tuple[int, ...]]:
-    state = {k: v for k, v in model.state_dict().items()}
+    state = {k: v for k, v in model.state_dict().items() if ".mtp." not in k}
     return {k: tuple(v.shape) for k, v in to_official(state).items()}, {k: tuple(v.shape) for k, v in state.items()}
 
 
@@ -252,11 +258,36 @@ def strict_load(super_from_pretrained, cls, path, args, kwargs, moe_backend, ver
     problems += [f"tensor {m}" for m in info.get("mismatched_keys", [])]
     if problems:
         raise ValueError(f"checkpoint {path} does not match the model: " + "; ".join(map(str, problems[:20])))
+    if getattr(model.model, "mtp", None) is not None:
+        load_mtp(model, local)
     if moe_backend is not None:
         model.set_moe_backend(moe_backend)
     else:
         model.set_moe_backend(model.config.moe_backend)
     return (model, info) if want_info else model
+
+
+def load_mtp(model, path) -> None:
+    """Read the MTP (next-n) tensors of a local checkpoint (official ``mtp.N.*`` or in-memory
+    ``model.mtp.N.*`` naming) into ``model.model.mtp``; every MTP parameter must be present."""
+    from safetensors import safe_open
+
+    found = checkpoint_keys(path)
+    names = [k for k in found if re.match(r"^(model\.)?mtp\.", k)]
+    tensors = {}
+    for key in names:
+        with safe_open(str(Path(path) / found[key][0]), framework="pt") as f:
+            tensors[key] = f.get_tensor(key)
+    if names and not names[0].startswith("model."):
+        tensors = from_official(tensors)
+    expected = {k: v for k, v in model.state_dict().items() if k.startswith("model.mtp.")}
+    missing = sorted(set(expected) - set(tensors))
+    if missing:
+        raise ValueError(f"checkpoint {path} has no tensor for MTP parameter {missing[0]} ({len(missing)} missing); load with use_mtp=False")
+    for key, tensor in tensors.items():
+        if key in expected and tuple(tensor.shape) != tuple(expected[key].shape):
+            raise ValueError(f"MTP tensor {key} has shape {list(tensor.shape)}, the config expects {list(expected[key].shape)}")
+    model.load_state_dict({k: tensors[k].to(expected[k].dtype) for k in expected}, strict=False)
 
 
 def _meta_model(cls, config):

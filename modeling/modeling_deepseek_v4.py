@@ -373,10 +373,10 @@ class DeepseekV4Attention(nn.Module):
     with per-head sinks, partial interleaved RoPE (undone on the output) and a grouped low-rank
     output projection."""
 
-    def __init__(self, config: DeepseekV4Config, layer_idx: int):
+    def __init__(self, config: DeepseekV4Config, layer_idx: int, layer_type: str | None = None):
         super().__init__()
         self.config, self.layer_idx = config, layer_idx
-        self.layer_type = config.layer_types[layer_idx]
+        self.layer_type = layer_type or config.layer_types[layer_idx]
         self.rope_label = "main" if self.layer_type == "sliding_attention" else "compress"
         self.num_heads, self.head_dim = config.num_attention_heads, config.head_dim
         self.sliding_window, self.eps = config.sliding_window, config.rms_norm_eps
@@ -583,9 +583,9 @@ class DeepseekV4MLP(nn.Module):
 
 
 class DeepseekV4SparseMoeBlock(nn.Module):
-    def __init__(self, config: DeepseekV4Config, layer_idx: int):
+    def __init__(self, config: DeepseekV4Config, layer_idx: int, mlp_type: str | None = None):
         super().__init__()
-        self.is_hash = config.mlp_layer_types[layer_idx] == "hash_moe"
+        self.is_hash = (mlp_type or config.mlp_layer_types[layer_idx]) == "hash_moe"
         self.gate = DeepseekV4HashRouter(config) if self.is_hash else DeepseekV4TopKRouter(config)
         self.experts = DeepseekV4Experts(config)
         self.shared_experts = DeepseekV4MLP(config)
@@ -603,11 +603,11 @@ class DeepseekV4SparseMoeBlock(nn.Module):
 
 # ----------------------------------------------------------------------------- layers and models
 class DeepseekV4DecoderLayer(GradientCheckpointingLayer):
-    def __init__(self, config: DeepseekV4Config, layer_idx: int):
+    def __init__(self, config: DeepseekV4Config, layer_idx: int, layer_type: str | None = None, mlp_type: str | None = None):
         super().__init__()
         self.layer_idx = layer_idx
-        self.self_attn = DeepseekV4Attention(config, layer_idx)
-        self.mlp = DeepseekV4SparseMoeBlock(config, layer_idx)
+        self.self_attn = DeepseekV4Attention(config, layer_idx, layer_type)
+        self.mlp = DeepseekV4SparseMoeBlock(config, layer_idx, mlp_type)
         self.input_layernorm = DeepseekV4RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = DeepseekV4RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.attn_hc = DeepseekV4HyperConnection(config)
@@ -621,6 +621,31 @@ class DeepseekV4DecoderLayer(GradientCheckpointingLayer):
         post, comb, collapsed = self.ffn_hc(streams)
         mlp = self.mlp(self.post_attention_layernorm(collapsed), input_ids)
         return hc_merge(streams, mlp, post, comb)
+
+
+class DeepseekV4MTPLayer(DeepseekV4DecoderLayer):
+    """Next-n (MTP) predictor: from the main model's streams at position t and the embedding of
+    token t+1 it predicts token t+2 through one sliding-attention MoE block with its own hyper-head
+    and final norm (the LM head is shared). Loaded when ``config.use_mtp``; generation ignores it."""
+
+    def __init__(self, config: DeepseekV4Config):
+        super().__init__(config, layer_idx=-1, layer_type="sliding_attention", mlp_type="moe")
+        d = config.hidden_size
+        self.enorm = DeepseekV4RMSNorm(d, eps=config.rms_norm_eps)
+        self.hnorm = DeepseekV4RMSNorm(d, eps=config.rms_norm_eps)
+        self.e_proj = nn.Linear(d, d, bias=False)
+        self.h_proj = nn.Linear(d, d, bias=False)
+        self.hc_head = DeepseekV4HyperHead(config)
+        self.norm = DeepseekV4RMSNorm(d, eps=config.rms_norm_eps)
+
+    def predict(self, streams, next_embeds, next_ids, rotary, positions):
+        """streams [B, S, N, D] at positions t, next_embeds [B, S, D] of tokens t+1 -> (hidden [B, S, D]
+        for the LM head, output streams for a further depth)."""
+        x = self.e_proj(self.enorm(next_embeds)).unsqueeze(2) + self.h_proj(self.hnorm(streams))
+        ctx = StepContext(positions, torch.ones_like(positions, dtype=torch.bool), lambda i: None, None)
+        cos_sin = {label: rotary(positions, label, x.dtype) for label in ("main", "compress")}
+        x = super().forward(x, input_ids=next_ids, rotary=rotary, ctx=ctx, cos_sin=cos_sin)
+        return self.norm(self.hc_head(x)), x
 
 
 class DeepseekV4PreTrainedModel(PreTrainedModel):
@@ -638,7 +663,9 @@ class DeepseekV4PreTrainedModel(PreTrainedModel):
         "attn_hc", "ffn_hc", "hc_head", "sinks", "position_bias", "e_score_correction_bias",
         "q_a_norm", "kv_norm", "input_layernorm", "post_attention_layernorm", "norm",
     ]
+    # MTP tensors are read by checkpoint_deepseek_v4.load_mtp (transformers' renames do not fit them)
     _keys_to_ignore_on_load_unexpected = [r"(^|\.)mtp\..*"]
+    _keys_to_ignore_on_load_missing = [r"(^|\.)mtp\..*"]
 
     @classmethod
     def _supports_default_dynamic_cache(cls) -> bool:
@@ -720,6 +747,8 @@ class DeepseekV4Model(DeepseekV4PreTrainedModel):
         self.norm = DeepseekV4RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.rotary_emb = DeepseekV4RotaryEmbedding(config)
         self.hc_head = DeepseekV4HyperHead(config)
+        if config.use_mtp and config.num_nextn_predict_layers > 0:
+            self.mtp = nn.ModuleList([DeepseekV4MTPLayer(config) for _ in range(config.num_nextn_predict_layers)])
         self.gradient_checkpointing = False
         self.post_init()
         self.set_moe_backend(config.moe_backend)
@@ -757,7 +786,7 @@ class DeepseekV4Model(DeepseekV4PreTrainedModel):
         state_for_layer = (lambda i: cache.layers[i]) if cache is not None else (lambda i: None)
         return StepContext(position_ids, new_mask, state_for_layer, valid_index)
 
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, inputs_embeds=None, use_cache=None, past_key_values=None, **kwargs):
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, inputs_embeds=None, use_cache=None, past_key_values=None, return_streams=False, **kwargs):
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         cache = cache if cache is not None else past_key_values
@@ -776,7 +805,9 @@ class DeepseekV4Model(DeepseekV4PreTrainedModel):
         for layer in self.layers:
             streams = layer(streams, input_ids=input_ids, rotary=self.rotary_emb, ctx=ctx, cos_sin=cos_sin)
         hidden = self.norm(self.hc_head(streams))
-        return MoeModelOutputWithPast(last_hidden_state=hidden, **{_CACHE_FIELD: cache if use_cache else None})
+        out = MoeModelOutputWithPast(last_hidden_state=hidden, **{_CACHE_FIELD: cache if use_cache else None})
+        self._last_streams, self._last_positions = (streams, ctx.positions) if return_streams else (None, None)
+        return out
 
 
 class DeepseekV4ForCausalLM(DeepseekV4PreTrainedModel, GenerationMixin):
@@ -799,6 +830,22 @@ class DeepseekV4ForCausalLM(DeepseekV4PreTrainedModel, GenerationMixin):
 
     def set_output_embeddings(self, value):
         self.lm_head = value
+
+    def mtp_logits(self, input_ids: torch.Tensor) -> list[torch.Tensor]:
+        """Logits of each MTP depth k = 1..num_nextn_predict_layers: depth k at position t predicts
+        token t+1+k. Returns one [B, S-k, V] tensor per depth."""
+        if getattr(self.model, "mtp", None) is None:
+            raise ValueError("this model has no MTP layers (load with from_pretrained(..., use_mtp=True))")
+        self.model(input_ids=input_ids, use_cache=False, return_streams=True)
+        streams, positions = self.model._last_streams, self.model._last_positions
+        self.model._last_streams = self.model._last_positions = None
+        logits = []
+        for depth, layer in enumerate(self.model.mtp, start=1):
+            next_ids = input_ids[:, depth:]
+            n = next_ids.shape[1]
+            hidden, streams = layer.predict(streams[:, :n], self.model.embed_tokens(next_ids), next_ids, self.model.rotary_emb, positions[:, :n])
+            logits.append(self.lm_head(hidden))
+        return logits
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, inputs_embeds=None, labels=None, use_cache=None, logits_to_keep=0, past_key_values=None, **kwargs):
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache if cache is not None else past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache)

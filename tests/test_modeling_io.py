@@ -182,3 +182,28 @@ def test_training_overfits_a_tiny_batch_with_gradient_checkpointing():
     assert losses[-1] < 0.5 * losses[0]
     grads = [p.grad for n, p in m.named_parameters() if "experts" in n]
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
+
+
+def test_mtp_layers_load_and_predict(tmp_path):
+    cfg = dict(PARITY_CONFIGS["mixed_sqrtsoftplus"], use_mtp=True, num_nextn_predict_layers=1)
+    m = DeepseekV4ForCausalLM(DeepseekV4Config(**cfg)).eval()
+    randomize_(m, seed=8)
+    m.save_pretrained(tmp_path)
+    names = set(json.loads((tmp_path / "model.safetensors.index.json").read_text())["weight_map"]) if (tmp_path / "model.safetensors.index.json").exists() else set(safe_open(str(tmp_path / "model.safetensors"), "pt").keys())
+    assert {"mtp.0.e_proj.weight", "mtp.0.hc_head_fn", "mtp.0.attn.wq_a.weight", "mtp.0.ffn.experts.0.w2.weight", "mtp.0.norm.weight"} <= names
+    ids = torch.randint(0, 97, (1, 12))
+    with torch.no_grad():
+        ref = m.mtp_logits(ids)[0]
+    assert ref.shape == (1, 11, 97)
+    loaded = DeepseekV4ForCausalLM.from_pretrained(tmp_path, use_mtp=True).eval()
+    plain = DeepseekV4ForCausalLM.from_pretrained(tmp_path).eval()  # MTP off by default
+    assert getattr(plain.model, "mtp", None) is None
+    with torch.no_grad():
+        assert torch.equal(loaded.mtp_logits(ids)[0], ref)
+        assert torch.equal(loaded(ids, use_cache=False).logits, plain(ids, use_cache=False).logits)
+    # the MTP block sees the future token t+1: changing it changes the prediction for t+2
+    ids2 = ids.clone()
+    ids2[0, 5] = (ids2[0, 5] + 1) % 97
+    with torch.no_grad():
+        assert not torch.equal(loaded.mtp_logits(ids2)[0][0, 4], ref[0, 4])
+        assert torch.allclose(loaded.mtp_logits(ids2)[0][0, :3], ref[0, :3], atol=1e-5)  # causal
