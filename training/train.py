@@ -234,11 +234,16 @@ def train(cfg: TrainConfig) -> dict:
             "data": [Path(p).name for p in cfg.data],
         }
         summary["final_train_perplexity"] = perplexity(summary["final_train_loss"])
+        # what tests/test_bundled_checkpoint.py holds the shipped model to on a held-out slice
+        summary["val_loss_threshold"] = round(min(summary["final_val_loss"] + 0.25, (summary["final_val_loss"] + unigram) / 2), 3)
         log["summary"] = summary
         log["wall_time_s"] = wall
         log_path.write_text(json.dumps(log))
         (out / "training_summary.json").write_text(json.dumps(summary, indent=2))
         plot_curves(log, out)
+        from .card import write_model_card
+
+        write_model_card(out, summary, asdict(cfg))
         import shutil
 
         shutil.rmtree(tok_dir, ignore_errors=True)
