@@ -12,6 +12,9 @@ fi
 # torch==2.13.0 first: on this project's machines that is the CPU build on disk (plain "torch" pulls CUDA).
 .venv/bin/python -m pip install -q torch==2.13.0
 .venv/bin/python -m pip install -q -e ".[all]"
+# Every Eval Ever's schema/validator, used by the audit export tests; its releases declare Python
+# >= 3.12 but the validator runs on 3.11, so it is installed without that check and without deps.
+.venv/bin/python -m pip install -q --no-deps --ignore-requires-python "every-eval-ever==0.3.0"
 if [ "${1:-}" = "--setup-only" ]; then
   exit 0
 fi
