@@ -238,6 +238,11 @@ def strict_load(super_from_pretrained, cls, path, args, kwargs, moe_backend, ver
     if verify_manifest:
         from dsv41.release.manifest import verify_model_dir
 
+        if not local.is_dir():  # a Hub id: verify the downloaded snapshot that will be loaded
+            from huggingface_hub import snapshot_download
+
+            local = Path(snapshot_download(str(path), revision=kwargs.get("revision")))
+            path = str(local)
         verify_model_dir(local)
     quantized = False
     if local.is_dir():

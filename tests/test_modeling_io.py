@@ -207,3 +207,22 @@ def test_mtp_layers_load_and_predict(tmp_path):
     with torch.no_grad():
         assert not torch.equal(loaded.mtp_logits(ids2)[0][0, 4], ref[0, 4])
         assert torch.allclose(loaded.mtp_logits(ids2)[0][0, :3], ref[0, :3], atol=1e-5)  # causal
+
+
+def test_verify_manifest_refuses_tampered_weights(saved, tmp_path):
+    import shutil
+
+    from dsv41.release.errors import ReleaseError
+    from dsv41.release.identity import Identity
+    from dsv41.release.manifest import sign_model_dir
+
+    dst = tmp_path / "signed"
+    shutil.copytree(saved, dst)
+    sign_model_dir(dst, Identity.generate(name="release-test"))
+    assert DeepseekV4ForCausalLM.from_pretrained(dst, verify_manifest=True) is not None
+    shard = sorted(dst.glob("model-*.safetensors"))[-1]
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 1
+    shard.write_bytes(bytes(data))
+    with pytest.raises(ReleaseError, match=shard.name):
+        DeepseekV4ForCausalLM.from_pretrained(dst, verify_manifest=True)
