@@ -255,6 +255,15 @@ def strict_load(super_from_pretrained, cls, path, args, kwargs, moe_backend, ver
             config = kwargs.get("config") or DeepseekV4Config.from_pretrained(local)
             skeleton = _meta_model(cls, config)
             check_checkpoint_against_model(local, skeleton)
+    if quantized:
+        # FP8 / FP4 / int8 / int4 checkpoints: dequantized tensor by tensor into the model's dtype
+        from dsv41.quantization import load_quantized_model
+
+        dtype = kwargs.get("dtype", kwargs.get("torch_dtype", torch.bfloat16))
+        dtype = torch.bfloat16 if dtype in (None, "auto") else (getattr(torch, dtype) if isinstance(dtype, str) else dtype)
+        model = load_quantized_model(cls, local, dtype=dtype, moe_backend=moe_backend)
+        model.set_moe_backend(moe_backend or model.config.moe_backend)
+        return (model, {}) if kwargs.get("output_loading_info") else model
     kwargs.setdefault("output_loading_info", False)
     want_info = kwargs.pop("output_loading_info")
     model, info = super_from_pretrained(path, *args, output_loading_info=True, **kwargs)

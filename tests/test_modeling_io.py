@@ -226,3 +226,24 @@ def test_verify_manifest_refuses_tampered_weights(saved, tmp_path):
     shard.write_bytes(bytes(data))
     with pytest.raises(ReleaseError, match=shard.name):
         DeepseekV4ForCausalLM.from_pretrained(dst, verify_manifest=True)
+
+
+@pytest.mark.parametrize("method", ["fp8", "int8"])
+def test_from_pretrained_loads_quantized_checkpoints(model, saved, tmp_path, method):
+    from typer.testing import CliRunner
+
+    from dsv41.cli import app
+
+    out = tmp_path / method
+    args = ["quantize", "--method", method, "--model", str(saved), "--out", str(out)]
+    args += ["--block-size", "8"] if method == "fp8" else ["--group-size", "8"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "quantization_config" in json.loads((out / "config.json").read_text())
+    loaded = DeepseekV4ForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    ids = torch.randint(0, 97, (1, 12))
+    with torch.no_grad():
+        ref = torch.log_softmax(model(ids, use_cache=False).logits, -1)
+        got = torch.log_softmax(loaded(ids, use_cache=False).logits, -1)
+    kl = (ref.exp() * (ref - got)).sum(-1).mean().item()
+    assert 0 < kl < 0.1
