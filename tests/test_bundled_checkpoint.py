@@ -88,7 +88,7 @@ runner = CliRunner()
 def test_generate_streams_with_the_default_model():
     result = runner.invoke(app, ["generate", "First Citizen:", "--max-new-tokens", "8", "--seed", "1"])
     assert result.exit_code == 0, result.output
-    assert result.output.startswith("First Citizen:") and len(result.output.strip()) > len("First Citizen:")
+    assert result.stdout.startswith("First Citizen:") and len(result.stdout.strip()) > len("First Citizen:")
 
 
 @pytest.mark.parametrize(
