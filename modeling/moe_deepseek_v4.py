@@ -50,36 +50,40 @@ def reference_experts(experts, hidden_states: torch.Tensor, top_k_index: torch.T
 
 
 def cpu_grouped_experts(experts, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
-    """Sort-based grouped computation: tokens are permuted into contiguous per-expert runs once,
-    each active expert runs two GEMMs over its run, and the results are reduced back in token order.
-
-    No Python work is done for experts that received no token."""
+    """Sort-based grouped computation: the T*k (token, expert) slots are sorted by expert once, each
+    active expert runs its two GEMMs on one contiguous run of rows, and the results are gathered
+    back into slot order and summed over k (no scatter-add, no Python work for idle experts)."""
     num_tokens, k = top_k_index.shape
     num_experts = experts.gate_up_proj.shape[0]
     flat_expert = top_k_index.reshape(-1)
-    order = torch.argsort(flat_expert, stable=True)
-    sorted_expert = flat_expert[order]
-    # Slots routed to an invalid id (< 0 or >= num_experts) sort to the two ends and are dropped.
-    first = int((sorted_expert < 0).sum())
-    valid_ids = sorted_expert[(sorted_expert >= 0) & (sorted_expert < num_experts)]
-    counts = torch.bincount(valid_ids, minlength=num_experts).tolist()
+    valid = (flat_expert >= 0) & (flat_expert < num_experts)
+    # invalid ids sort last and contribute zero
+    order = torch.argsort(torch.where(valid, flat_expert, num_experts), stable=True)
+    counts = torch.bincount(flat_expert[valid], minlength=num_experts).tolist()
     token_of_slot = order // k
     x_sorted = hidden_states.index_select(0, token_of_slot)
     weights_sorted = top_k_weights.reshape(-1).index_select(0, order)
+    track_grad = torch.is_grad_enabled() and (hidden_states.requires_grad or experts.gate_up_proj.requires_grad)
+    y_sorted = hidden_states.new_zeros(x_sorted.shape) if not track_grad else None
     pieces = []
-    start = first
+    start = 0
     for expert, count in enumerate(counts):
         if count == 0:
             continue
         end = start + count
         h = clamped_swiglu(F.linear(x_sorted[start:end], experts.gate_up_proj[expert]), experts.limit)
-        y = F.linear(h, experts.down_proj[expert])
-        pieces.append(y * weights_sorted[start:end, None].to(y.dtype))
+        y = F.linear(h, experts.down_proj[expert]) * weights_sorted[start:end, None].to(h.dtype)
+        if track_grad:
+            pieces.append(y)
+        else:
+            y_sorted[start:end] = y
         start = end
-    out = torch.zeros_like(hidden_states)
-    if pieces:
-        out.index_add_(0, token_of_slot[first:start], torch.cat(pieces).to(out.dtype))
-    return out
+    if track_grad:
+        tail = hidden_states.new_zeros((order.numel() - start, hidden_states.shape[1]))
+        y_sorted = torch.cat(pieces + [tail]) if pieces else tail
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(order.numel(), device=order.device)
+    return y_sorted.index_select(0, inverse).view(num_tokens, k, -1).sum(dim=1).to(hidden_states.dtype)
 
 
 MOE_BACKENDS: dict[str, Callable] = {
