@@ -138,6 +138,24 @@ def sign_flip_test(diff: np.ndarray, rng: np.random.Generator, n_random: int = 2
     return {"test": "paired sign-flip permutation", "p_value": p, "exact": exact}
 
 
+def flat_results(per_task: dict, model_name: str, baseline_name: str, baseline_measured: bool) -> list[dict]:
+    """One row per (task, model) score, each labelled *measured* or *published* (with its source),
+    the flat form that model cards and leaderboards read."""
+    rows = []
+    for task, stats in per_task.items():
+        for who, name in (("model", model_name), ("baseline", baseline_name)):
+            if who == "baseline" and not baseline_measured:
+                continue
+            rows.append({"task": task, "metric": stats["metric"], "model": name, "value": stats[who]["score"],
+                         "ci95": stats[who]["ci95"], "num_fewshot": stats.get("num_fewshot"), "kind": "measured",
+                         "source": "this comparison (compare.json)"})
+        for entry in stats.get("published_baseline", []):
+            rows.append({"task": task, "metric": entry["metric"], "model": f"{baseline_name} ({entry['variant']})",
+                         "value": entry["score"] / 100.0, "num_fewshot": entry["shots"], "kind": "published",
+                         "source": entry["source"]})
+    return rows
+
+
 def task_statistics(task: str, samples_a: list[dict], samples_b: list[dict] | None, iters: int, seed: int) -> dict:
     info = TASK_INFO[task]
     metric = info["metric"]
@@ -353,6 +371,7 @@ def run_compare(opts: CompareOptions) -> dict:
                    "published": "stated by the model owner or a named third party under their own settings; not comparable "
                                 "to measured numbers without caveats"},
         "tasks": per_task,
+        "results": flat_results(per_task, model_name, plan["name"], res_b is not None),
         "efficiency": {k: v for k, v in eff.items() if k != "markdown"},
         "files": files,
         "statistics": __doc__,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -75,6 +76,18 @@ def test_builtin_llama_baseline_is_published_only_here(two_tiny_models, shared_d
     # efficiency against the built-in Llama config: analytic only (no weights to run)
     assert report["efficiency"]["baseline"]["name"] == "llama-3-70b"
     assert "skipped" in report["efficiency"]["measured"]
+    # the flat results feed the release model card: measured rows for our model, published rows with sources
+    kinds = {(r["model"].split(" (")[0], r["kind"]) for r in report["results"]}
+    assert kinds == {(a.name, "measured"), ("llama-3-70b", "published")}
+    from dsv41.release.card import write_model_card
+
+    import shutil
+
+    model_dir = tmp_path / "release"
+    shutil.copytree(a, model_dir)
+    card = write_model_card(model_dir, evals=out, license_file=Path(__file__).resolve().parents[1] / "LICENSE-NONCOMMERCIAL", force=True)
+    text = (model_dir / "README.md").read_text()
+    assert card.n_model_index >= 1 and "dsv41_arc_challenge" in text and "published" in text
 
 
 def test_missing_task_data_fails_before_running(two_tiny_models, shared_datasets, tmp_path):
