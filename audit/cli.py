@@ -53,8 +53,13 @@ def register(app: typer.Typer) -> None:
         weights: bool = typer.Option(True, "--weights/--no-weights", help="Re-hash the weight files."),
         salt_file: str = typer.Option(None, help="Auditor's redaction salt (private/redaction_salt.hex)."),
         unredacted: str = typer.Option(None, help="Unredacted samples (private/samples.unredacted.jsonl)."),
+        require_signature: bool = typer.Option(False, "--require-signature", help="Fail when report.sig.json is missing."),
+        signer: list[str] = typer.Option(None, "--signer", help="Trusted signer: identity fingerprint or identity.pub.json (repeatable)."),
+        log: str = typer.Option(None, "--log", help="Registry URL: check the report's inclusion proof in its transparency log."),
+        log_key: str = typer.Option(None, "--log-key", help="Pin the log's identity fingerprint (sha256:...)."),
     ) -> None:
-        """Recompute fingerprints and metrics from the sample records; exit 1 on any mismatch."""
+        """Recompute fingerprints and metrics from the sample records, check both signatures of a
+        signed report (and, with --log, its inclusion in a registry's log); exit 1 on any mismatch."""
         from dsv41.audit.verify import VerificationError, verify
 
         try:
@@ -65,6 +70,10 @@ def register(app: typer.Typer) -> None:
             raise typer.Exit(1) from None
         typer.echo(f"OK: report {info['report_id'][:16]}…: {info['n_metrics']} metrics and fingerprints "
                    f"recomputed from {info['n_records']} sample records")
+        from dsv41.audit.signing import check_signatures_cli
+
+        check_signatures_cli(report_dir, require=require_signature or bool(signer) or bool(log), signer=signer,
+                             log=log, log_key=log_key)
 
     @audit.command("export")
     def export_cmd(
@@ -83,4 +92,7 @@ def register(app: typer.Typer) -> None:
         for p in paths:
             typer.echo(str(p))
 
+    from dsv41.audit.signing import register_commands
+
+    register_commands(audit)
     app.add_typer(audit, name="audit")

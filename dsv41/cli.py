@@ -24,6 +24,7 @@ _SUBCOMMANDS = [
     ("dsv41.evals.cli", "register", None),
     ("dsv41.audit.cli", "register", None),
     ("dsv41.space.cli", "register", None),
+    ("dsv41.registry.cli", "register", None),
     ("dsv41.release.cli", "register", None),
 ]
 

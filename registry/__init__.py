@@ -1,0 +1,1 @@
+"""Audit-report registry: signed report submission, leaderboard and a Merkle transparency log."""
