@@ -66,6 +66,14 @@ def bf16_equivalent_bytes(path: str | Path) -> int:
     return sum(i.numel * 2 if i.dtype.is_floating_point else i.nbytes for i in ck.tensors.values())
 
 
+def bf16_storage_bytes(path: str | Path) -> int:
+    """Bytes of a (quantized) checkpoint with every non-quantized floating tensor counted as bf16
+    (wider floats at 2 bytes; 1-byte FP8/FP4/int payloads and ue8m0 scales as stored), so that
+    an fp32 source checkpoint is compared with its bf16 form on equal terms."""
+    ck = Checkpoint(path)
+    return sum(i.numel * 2 if i.dtype.is_floating_point and i.dtype.itemsize >= 2 else i.nbytes for i in ck.tensors.values())
+
+
 def checkpoint_bytes(path: str | Path) -> int:
     return sum(p.stat().st_size for p in Path(path).glob("*.safetensors"))
 
@@ -258,7 +266,8 @@ def run_quality_report(
             result = quantize_checkpoint(model, qdir, QuantSpec(method, **spec_kw), overwrite=True)
             settings["gptq_rtn_fallback"] = len(result["gptq_rtn_fallback"]) if method == "int4-gptq" else None
             spec_kw.pop("hessians", None)
-            size = checkpoint_bytes(qdir)
+            size = bf16_storage_bytes(qdir)
+            settings["file_bytes_as_written"] = checkpoint_bytes(qdir)
             gc.collect()
             reset_peak_rss()
             rss0 = rss_bytes()
@@ -332,7 +341,7 @@ def plot_report(report: dict, path: str | Path) -> None:
     fig, axes = plt.subplots(1, 4, figsize=(16, 3.6))
     panels = [
         ("mean KL(bf16 || q)", [r["mean_kl"] for r in rows], None),
-        ("top-1 agreement", [r["top1_agreement"] for r in rows], [[r["top1_agreement"] - r["top1_ci95"][0] for r in rows], [r["top1_ci95"][1] - r["top1_agreement"] for r in rows]]),
+        ("top-1 agreement", [r["top1_agreement"] for r in rows], [[max(0.0, r["top1_agreement"] - r["top1_ci95"][0]) for r in rows], [max(0.0, r["top1_ci95"][1] - r["top1_agreement"]) for r in rows]]),
         ("perplexity change (%)", [100 * r["ppl_rel_change"] for r in rows], [100 * r["ppl_rel_change_se"] for r in rows]),
         ("checkpoint size vs bf16", [r["size_ratio_vs_bf16"] for r in rows], None),
     ]
