@@ -440,13 +440,13 @@ class DeepseekV4Attention(nn.Module):
 
         # one shared K=V head: [B, H, S, d] @ [B, 1, d, K] -> [B, H, S, K]
         scores = torch.matmul(q.transpose(1, 2), keys.transpose(1, 2).unsqueeze(1)) * self.head_dim**-0.5
-        scores = scores.masked_fill_(~mask.unsqueeze(1), float("-inf"))
+        scores = scores.masked_fill(~mask.unsqueeze(1), float("-inf"))
         # softmax over [scores | sink]; the sink column only absorbs probability mass
         sinks = self.sinks.view(1, -1, 1, 1).to(scores.dtype)
         peak = torch.maximum(scores.amax(dim=-1, keepdim=True), sinks)
-        weights = (scores - peak).exp_()
+        weights = (scores - peak).exp()
         denom = weights.sum(dim=-1, keepdim=True) + (sinks - peak).exp()
-        probs = weights.div_(denom).to(keys.dtype)
+        probs = (weights / denom).to(keys.dtype)
         out = torch.matmul(probs, keys.unsqueeze(1)).transpose(1, 2)  # [B, S, H, d]
         # K=V carried RoPE into the values: rotate back by the query position (relative positions)
         out = apply_rope(out, cos.unsqueeze(2), -sin.unsqueeze(2))

@@ -85,3 +85,12 @@ def test_unigram_baseline_by_hand():
     expected = -(torch.log(torch.tensor(3 / 6)) + torch.log(torch.tensor(2 / 6))).item() / 2
     assert ce == pytest.approx(expected)
     assert perplexity(ce) == pytest.approx(6**0.5)  # 1 / sqrt(1/2 * 1/3)
+
+
+def test_bf16_mixed_precision_run(corpus, tmp_path):
+    summary = run(corpus, tmp_path / "bf16", precision="bf16", steps=4, eval_every=4, save_every=4)
+    assert summary["final_val_loss"] < 10 and summary["final_val_loss"] == summary["final_val_loss"]  # finite, not NaN
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "bf16" / "model.safetensors"), "pt") as f:
+        assert f.get_tensor("layers.0.attn.wq_a.weight").dtype == torch.bfloat16
