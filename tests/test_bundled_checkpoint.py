@@ -109,3 +109,15 @@ def test_chat_loop_uses_the_template():
     result = runner.invoke(app, ["chat", "--max-new-tokens", "6"], input="Hello there\n/exit\n")
     assert result.exit_code == 0, result.output
     assert "model>" in result.output
+
+
+def test_bundled_modeling_files_are_the_current_ones():
+    """trust_remote_code users of the bundled checkpoint run exactly the package's modeling code."""
+    from pathlib import Path
+
+    import dsv41.modeling.checkpoint_deepseek_v4 as ck
+    from dsv41.modeling.checkpoint_deepseek_v4 import MODELING_FILES
+
+    package = Path(ck.__file__).parent
+    for name in MODELING_FILES:
+        assert (BUNDLED_CHECKPOINT / name).read_text() == (package / name).read_text(), f"{name} is stale: copy modeling/{name} into the checkpoint"

@@ -94,13 +94,14 @@ class DeepseekV4RotaryEmbedding(nn.Module):
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate interleaved pairs of the trailing RoPE slice of ``x``; ``cos``/``sin`` broadcast to
-    ``x[..., :r/2]``. Heads are laid out [no-RoPE | RoPE]."""
+    ``x[..., :r/2]``. Heads are laid out [no-RoPE | RoPE]. Each pair (a, b) is the complex number
+    a + ib multiplied by cos + i sin, computed in fp32."""
     r = 2 * cos.shape[-1]
-    nope, rope = x[..., :-r], x[..., -r:].float()
-    even, odd = rope[..., 0::2], rope[..., 1::2]
-    cos, sin = cos.float(), sin.float()
-    rotated = torch.stack((even * cos - odd * sin, odd * cos + even * sin), dim=-1).flatten(-2)
-    return torch.cat([nope, rotated.to(x.dtype)], dim=-1)
+    pairs = torch.view_as_complex(x[..., -r:].float().reshape(*x.shape[:-1], r // 2, 2))
+    rotated = torch.view_as_real(pairs * torch.complex(cos.float(), sin.float())).flatten(-2)
+    out = x.clone()
+    out[..., -r:] = rotated
+    return out
 
 
 # ----------------------------------------------------------------------------- cache
@@ -437,13 +438,16 @@ class DeepseekV4Attention(nn.Module):
             keys = torch.cat([keys, entries], dim=1)
             mask = torch.cat([mask, visible], dim=-1)
 
-        scores = torch.einsum("bshd,bkd->bhsk", q, keys) * self.head_dim**-0.5
+        # one shared K=V head: [B, H, S, d] @ [B, 1, d, K] -> [B, H, S, K]
+        scores = torch.matmul(q.transpose(1, 2), keys.transpose(1, 2).unsqueeze(1)) * self.head_dim**-0.5
         scores = scores.masked_fill(~mask.unsqueeze(1), float("-inf"))
-        sinks = self.sinks.view(1, -1, 1, 1).expand(B, -1, S, 1).to(scores.dtype)
-        logits = torch.cat([scores, sinks], dim=-1)
-        logits = logits - logits.max(dim=-1, keepdim=True).values
-        probs = logits.softmax(dim=-1)[..., :-1].to(keys.dtype)  # the sink only absorbs mass
-        out = torch.einsum("bhsk,bkd->bshd", probs, keys)
+        # softmax over [scores | sink]; the sink column only absorbs probability mass
+        sinks = self.sinks.view(1, -1, 1, 1).to(scores.dtype)
+        peak = torch.maximum(scores.amax(dim=-1, keepdim=True), sinks)
+        weights = (scores - peak).exp()
+        denom = weights.sum(dim=-1, keepdim=True) + (sinks - peak).exp()
+        probs = (weights / denom).to(keys.dtype)
+        out = torch.matmul(probs, keys.unsqueeze(1)).transpose(1, 2)  # [B, S, H, d]
         # K=V carried RoPE into the values: rotate back by the query position (relative positions)
         out = apply_rope(out, cos.unsqueeze(2), -sin.unsqueeze(2))
         out = self.o_a_proj(out.reshape(B, S, self.config.o_groups, -1)).flatten(2)

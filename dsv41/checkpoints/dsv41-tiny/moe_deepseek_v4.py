@@ -49,37 +49,139 @@ def reference_experts(experts, hidden_states: torch.Tensor, top_k_index: torch.T
     return out
 
 
-def cpu_grouped_experts(experts, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
-    """Sort-based grouped computation: tokens are permuted into contiguous per-expert runs once,
-    each active expert runs two GEMMs over its run, and the results are reduced back in token order.
-
-    No Python work is done for experts that received no token."""
+def _grouped_autograd(experts, hidden_states, top_k_index, top_k_weights):
+    """Training path of cpu_grouped (autograd through plain ops): slots sorted by expert, one pair of
+    GEMMs per active expert, gathered back to slot order and summed over k."""
     num_tokens, k = top_k_index.shape
     num_experts = experts.gate_up_proj.shape[0]
     flat_expert = top_k_index.reshape(-1)
-    order = torch.argsort(flat_expert, stable=True)
-    sorted_expert = flat_expert[order]
-    # Slots routed to an invalid id (< 0 or >= num_experts) sort to the two ends and are dropped.
-    first = int((sorted_expert < 0).sum())
-    valid_ids = sorted_expert[(sorted_expert >= 0) & (sorted_expert < num_experts)]
-    counts = torch.bincount(valid_ids, minlength=num_experts).tolist()
-    token_of_slot = order // k
-    x_sorted = hidden_states.index_select(0, token_of_slot)
+    valid = (flat_expert >= 0) & (flat_expert < num_experts)
+    # invalid ids sort last and contribute zero
+    order = torch.argsort(torch.where(valid, flat_expert, num_experts), stable=True)
+    counts = torch.bincount(flat_expert[valid], minlength=num_experts).tolist()
+    x_sorted = hidden_states.index_select(0, order // k)
     weights_sorted = top_k_weights.reshape(-1).index_select(0, order)
     pieces = []
-    start = first
+    start = 0
     for expert, count in enumerate(counts):
         if count == 0:
             continue
         end = start + count
         h = clamped_swiglu(F.linear(x_sorted[start:end], experts.gate_up_proj[expert]), experts.limit)
-        y = F.linear(h, experts.down_proj[expert])
-        pieces.append(y * weights_sorted[start:end, None].to(y.dtype))
+        pieces.append(F.linear(h, experts.down_proj[expert]) * weights_sorted[start:end, None].to(h.dtype))
         start = end
-    out = torch.zeros_like(hidden_states)
-    if pieces:
-        out.index_add_(0, token_of_slot[first:start], torch.cat(pieces).to(out.dtype))
-    return out
+    tail = hidden_states.new_zeros((order.numel() - start, hidden_states.shape[1]))
+    y_sorted = torch.cat(pieces + [tail]) if pieces else tail
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(order.numel(), device=order.device)
+    return y_sorted.index_select(0, inverse).view(num_tokens, k, -1).sum(dim=1).to(hidden_states.dtype)
+
+
+def _swiglu_weighted_(h: torch.Tensor, limit: float, weights: torch.Tensor) -> torch.Tensor:
+    """In place on ``h [S, 2I]``: returns the view ``h[:, :I] = silu(min(g, limit)) * clamp(u) * w``.
+    The routing weight is folded in here, before the down projection (which is linear), so the
+    [S, H] expert outputs need no extra pass."""
+    inter = h.shape[1] // 2
+    g, u = h[:, :inter], h[:, inter:]
+    g.clamp_(max=limit)
+    F.silu(g, inplace=True)
+    u.clamp_(min=-limit, max=limit)
+    u.mul_(weights[:, None])
+    return g.mul_(u)
+
+
+# at most this many (token, expert) slots: group them in Python (no sort / bincount kernels)
+SMALL_SLOTS = 64
+
+
+def _use_grouped_mm(x: torch.Tensor, gate_up: torch.Tensor) -> bool:
+    if not hasattr(F, "grouped_mm") or x.device.type != "cpu" or gate_up.dtype != x.dtype:
+        return False
+    align = 16 // x.element_size()  # grouped_mm needs 16-byte aligned strides
+    # fp32: a per-expert mm loop measured faster than the CPU grouped_mm kernel (bf16/fp16: the reverse)
+    return x.dtype in (torch.bfloat16, torch.float16) and x.shape[1] % align == 0 and gate_up.shape[1] % (2 * align) == 0
+
+
+def cpu_grouped_experts(experts, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
+                        gemm: str = "auto"):
+    """Sort-based grouped computation (the default on CPU).
+
+    Inference: the (token, expert) slots are grouped by expert (a Python grouping for <= SMALL_SLOTS
+    slots, i.e. decode; one sort + searchsorted otherwise), the rows of each expert are gathered once,
+    the gate/up and down projections run as grouped GEMMs over all active experts (one
+    ``grouped_mm`` call each, or ``mm`` per active expert into preallocated buffers), the clamped
+    SwiGLU and the routing weight are applied in place on the [S, I] intermediate, and one
+    ``index_add_`` reduces the rows back to tokens. No Python work is done for idle experts.
+    With autograd enabled a plain op-by-op version is used. ``gemm``: auto | grouped_mm | loop."""
+    gate_up, down = experts.gate_up_proj, experts.down_proj
+    if not (isinstance(gate_up, torch.Tensor) and isinstance(down, torch.Tensor)):
+        # per-expert weight containers (e.g. bitsandbytes-quantized experts): index them one by one
+        return reference_experts(experts, hidden_states, top_k_index, top_k_weights)
+    if torch.is_grad_enabled() and (hidden_states.requires_grad or gate_up.requires_grad or down.requires_grad):
+        return _grouped_autograd(experts, hidden_states, top_k_index, top_k_weights)
+    num_tokens, k = top_k_index.shape
+    num_experts, hidden = gate_up.shape[0], hidden_states.shape[1]
+    x = hidden_states if gate_up.dtype == hidden_states.dtype else hidden_states.to(gate_up.dtype)
+    out = torch.zeros((num_tokens, hidden), dtype=x.dtype, device=x.device)
+    num_slots = num_tokens * k
+    if num_slots == 0:
+        return out.to(hidden_states.dtype)
+    flat_w = top_k_weights.reshape(-1)
+    if num_slots <= SMALL_SLOTS:
+        groups: dict[int, list[int]] = {}
+        for slot, e in enumerate(top_k_index.reshape(-1).tolist()):
+            if 0 <= e < num_experts:
+                groups.setdefault(e, []).append(slot)
+        if not groups:
+            return out.to(hidden_states.dtype)
+        order = [slot for slots in groups.values() for slot in slots]
+        order_t = torch.tensor(order, device=x.device)
+        token_t = order_t // k
+        runs = []
+        start = 0
+        for e, slots in groups.items():
+            runs.append((e, start, start + len(slots)))
+            start += len(slots)
+        h = torch.empty((len(order), gate_up.shape[1]), dtype=x.dtype, device=x.device)
+        for e, a, b in runs:
+            xa = x[order[a] // k : order[a] // k + 1] if b - a == 1 else x.index_select(0, token_t[a:b])
+            torch.mm(xa, gate_up[e].t(), out=h[a:b])
+        hh = _swiglu_weighted_(h, experts.limit, flat_w.index_select(0, order_t).to(x.dtype))
+        y = torch.empty((len(order), hidden), dtype=x.dtype, device=x.device)
+        for e, a, b in runs:
+            torch.mm(hh[a:b], down[e].t(), out=y[a:b])
+        if num_tokens == 1:
+            return y.sum(dim=0, keepdim=True).to(hidden_states.dtype)
+        return out.index_add_(0, token_t, y).to(hidden_states.dtype)
+
+    flat = top_k_index.reshape(-1)
+    sorted_e, order = torch.sort(flat)
+    # run boundaries of experts 0..E-1; ids < 0 sort before bounds[0], ids >= E after bounds[E]
+    bounds_t = torch.searchsorted(sorted_e, torch.arange(num_experts + 1, device=flat.device, dtype=sorted_e.dtype))
+    bounds = bounds_t.tolist()
+    first, last = bounds[0], bounds[-1]
+    if last == first:
+        return out.to(hidden_states.dtype)
+    order = order[first:last]
+    token_t = order // k
+    xs = x.index_select(0, token_t)
+    ws = flat_w.index_select(0, order).to(x.dtype)
+    use_gmm = _use_grouped_mm(x, gate_up) if gemm == "auto" else gemm == "grouped_mm"
+    if use_gmm:
+        offs = (bounds_t[1:] - first).to(torch.int32)
+        h = F.grouped_mm(xs, gate_up.transpose(1, 2), offs=offs)
+        hh = _swiglu_weighted_(h, experts.limit, ws)
+        y = F.grouped_mm(hh, down.transpose(1, 2), offs=offs)
+    else:
+        active = [(e, bounds[e] - first, bounds[e + 1] - first) for e in range(num_experts) if bounds[e + 1] > bounds[e]]
+        h = torch.empty((last - first, gate_up.shape[1]), dtype=x.dtype, device=x.device)
+        for e, a, b in active:
+            torch.mm(xs[a:b], gate_up[e].t(), out=h[a:b])
+        hh = _swiglu_weighted_(h, experts.limit, ws)
+        y = torch.empty((last - first, hidden), dtype=x.dtype, device=x.device)
+        for e, a, b in active:
+            torch.mm(hh[a:b], down[e].t(), out=y[a:b])
+    return out.index_add_(0, token_t, y).to(hidden_states.dtype)
 
 
 MOE_BACKENDS: dict[str, Callable] = {
