@@ -141,6 +141,18 @@ def load_bnb_model(model_cls, path, config, dtype: torch.dtype = torch.bfloat16,
     """``model_cls.from_pretrained(path, quantization_config=config)`` plus the experts and grouped
     projections quantized with the same config."""
     _bnb()
+    device_map = kwargs.get("device_map")
+    on_cpu = not torch.cuda.is_available() or device_map in (None, "cpu", {"": "cpu"})
+    if on_cpu and getattr(config, "load_in_4bit", False):
+        # bitsandbytes' CPU 4-bit kernel packs rows in blocks: linears whose out_features is not a
+        # multiple of 64 (e.g. the indexer's per-head weights) cannot be converted there; keep them.
+        import copy
+
+        config = copy.deepcopy(config)
+        with torch.device("meta"):
+            skeleton = model_cls(model_cls.config_class.from_pretrained(path))
+        odd = [n for n, m in skeleton.named_modules() if isinstance(m, nn.Linear) and (m.out_features % 64 or m.in_features % 2)]
+        config.llm_int8_skip_modules = sorted(set(list(config.llm_int8_skip_modules or []) + odd + ["lm_head"]))
     model = model_cls.from_pretrained(path, quantization_config=config, dtype=dtype, **kwargs)
     model.bnb_extra_counts = quantize_remaining_bnb(model, config, dtype)
     return model
