@@ -88,7 +88,13 @@ def test_unigram_baseline_by_hand():
 
 
 def test_bf16_mixed_precision_run(corpus, tmp_path):
-    summary = run(corpus, tmp_path / "bf16", precision="bf16", steps=4, eval_every=4, save_every=4)
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)  # earlier tests made an fp32 Accelerator in this process
+    try:
+        summary = run(corpus, tmp_path / "bf16", precision="bf16", steps=4, eval_every=4, save_every=4)
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
     assert summary["final_val_loss"] < 10 and summary["final_val_loss"] == summary["final_val_loss"]  # finite, not NaN
     from safetensors import safe_open
 
