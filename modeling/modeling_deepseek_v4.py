@@ -154,6 +154,7 @@ class DeepseekV4Cache(Cache):
         self.sliding_window = config.sliding_window
         self.seen: torch.Tensor | None = None  # [B] long
         self.slots = 0  # token slots consumed (real + padding), per row
+        self.padded = False  # some row has seen a padding slot
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.slots
@@ -181,7 +182,7 @@ class DeepseekV4Cache(Cache):
     def reset(self) -> None:
         for i, layer in enumerate(self.layers):
             self.layers[i] = DeepseekV4LayerState(layer.layer_type)
-        self.seen, self.slots = None, 0
+        self.seen, self.slots, self.padded = None, 0, False
 
     def crop(self, max_length: int) -> None:
         raise NotImplementedError(
@@ -367,6 +368,7 @@ class StepContext:
         self.valid_index = valid_index  # per row: indices of real tokens (only with a cache)
         self.state = None
         self.sliding_mask = None
+        self.no_padding = False  # no padding slot in this call or in the cache: slot distance == position distance
 
 
 class DeepseekV4Attention(nn.Module):
@@ -415,6 +417,21 @@ class DeepseekV4Attention(nn.Module):
             ctx.sliding_mask = (k_pos >= 0) & (k_pos <= q_pos) & (k_pos > q_pos - self.sliding_window)
         return keys, ctx.sliding_mask
 
+    def _attend(self, q, keys, mask):
+        """q [B, s, H, d], shared K=V rows [B, K, d], mask [B, s, K] -> [B, s, H, d]."""
+        scores = torch.matmul(q.transpose(1, 2), keys.transpose(1, 2).unsqueeze(1)) * self.head_dim**-0.5
+        scores = scores.masked_fill(~mask.unsqueeze(1), float("-inf"))
+        # softmax over [scores | sink]; the sink column only absorbs probability mass
+        sinks = self.sinks.view(1, -1, 1, 1).to(scores.dtype)
+        peak = torch.maximum(scores.amax(dim=-1, keepdim=True), sinks)
+        if torch.is_grad_enabled():
+            weights = (scores - peak).exp()
+            probs = weights / (weights.sum(dim=-1, keepdim=True) + (sinks - peak).exp())
+        else:  # same arithmetic in place (inference)
+            weights = scores.sub_(peak).exp_()
+            probs = weights.div_(weights.sum(dim=-1, keepdim=True).add_((sinks - peak).exp_()))
+        return torch.matmul(probs.to(keys.dtype), keys.unsqueeze(1)).transpose(1, 2)
+
     def forward(self, hidden, rotary, ctx: StepContext, cos_sin):
         B, S, _ = hidden.shape
         cos, sin = cos_sin[self.rope_label]
@@ -424,6 +441,7 @@ class DeepseekV4Attention(nn.Module):
         kv = apply_rope(self.kv_norm(self.kv_proj(hidden)), cos, sin)
 
         keys, mask = self.sliding_keys(kv, ctx)
+        entries = visible = None
         if self.compressor is not None:
             entries, counts = self.compressor.compress(hidden, rotary, ctx, "compressor")
             m = self.compressor.compress_rate
@@ -435,19 +453,20 @@ class DeepseekV4Attention(nn.Module):
             if self.layer_type == "compressed_sparse_attention":
                 ccos, csin = cos_sin["compress"]
                 visible = self.compressor.indexer(hidden, q_residual, visible, rotary, ctx, ccos, csin)
-            keys = torch.cat([keys, entries], dim=1)
-            mask = torch.cat([mask, visible], dim=-1)
 
-        # one shared K=V head: [B, H, S, d] @ [B, 1, d, K] -> [B, H, S, K]
-        scores = torch.matmul(q.transpose(1, 2), keys.transpose(1, 2).unsqueeze(1)) * self.head_dim**-0.5
-        scores = scores.masked_fill(~mask.unsqueeze(1), float("-inf"))
-        # softmax over [scores | sink]; the sink column only absorbs probability mass
-        sinks = self.sinks.view(1, -1, 1, 1).to(scores.dtype)
-        peak = torch.maximum(scores.amax(dim=-1, keepdim=True), sinks)
-        weights = (scores - peak).exp()
-        denom = weights.sum(dim=-1, keepdim=True) + (sinks - peak).exp()
-        probs = (weights / denom).to(keys.dtype)
-        out = torch.matmul(probs, keys.unsqueeze(1)).transpose(1, 2)  # [B, S, H, d]
+        # Long inputs attend block by block: a block of W queries only needs the W - 1 key slots
+        # before it (slots and positions advance together), so the work is O(S*W), not O(S^2).
+        offset, block = keys.shape[1] - S, self.sliding_window
+        step = block if (S > 2 * block and ctx.no_padding) else S
+        outs = []
+        for a in range(0, S, step):
+            b = min(S, a + step)
+            lo = max(0, a + offset - block + 1)
+            k, msk = keys[:, lo : b + offset], mask[:, a:b, lo : b + offset]
+            if entries is not None:
+                k, msk = torch.cat([k, entries], dim=1), torch.cat([msk, visible[:, a:b]], dim=-1)
+            outs.append(self._attend(q[:, a:b], k, msk))
+        out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
         # K=V carried RoPE into the values: rotate back by the query position (relative positions)
         out = apply_rope(out, cos.unsqueeze(2), -sin.unsqueeze(2))
         out = self.o_a_proj(out.reshape(B, S, self.config.o_groups, -1)).flatten(2)
@@ -788,7 +807,13 @@ class DeepseekV4Model(DeepseekV4PreTrainedModel):
             # each row's own positions (the result is identical to a stateless call on unpadded rows).
             return self._step_context(batch, seq, device, attention_mask, position_ids, DeepseekV4Cache(self.config))
         state_for_layer = (lambda i: cache.layers[i]) if cache is not None else (lambda i: None)
-        return StepContext(position_ids, new_mask, state_for_layer, valid_index)
+        ctx = StepContext(position_ids, new_mask, state_for_layer, valid_index)
+        padded = not bool(new_mask.all())
+        if cache is not None:
+            cache.padded = cache.padded or padded
+            padded = cache.padded
+        ctx.no_padding = not padded
+        return ctx
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, inputs_embeds=None, use_cache=None, past_key_values=None, return_streams=False, **kwargs):
         if (input_ids is None) == (inputs_embeds is None):
