@@ -178,6 +178,51 @@ def correctness(ext_ok: bool) -> None:
                 check(f"experts triton {fmt} {str(dtype)[6:]} T={t} E={e} H={h} I={i}", err <= tol, f"rel error {err:.2e}")
 
 
+def model_checks() -> None:
+    """The bundled checkpoint on the GPU: every backend gives the reference logits, and quantized
+    checkpoints (FP8 and FP4 experts) load with the experts kept quantized for the Triton kernels."""
+    import tempfile
+
+    from dsv41.modeling import DeepseekV4ForCausalLM
+    from dsv41.quantization import QuantSpec, load_quantized_model, quantize_checkpoint
+    from dsv41.quantization.experts import QuantizedExperts
+
+    ckpt = Path(__file__).resolve().parents[1] / "dsv41" / "checkpoints" / "dsv41-tiny"
+    ids = torch.randint(0, 4096, (2, 200), generator=torch.Generator().manual_seed(0))
+    model = DeepseekV4ForCausalLM.from_pretrained(ckpt, dtype=torch.float32, device_map=DEVICE).eval()
+    logits = {}
+    for backend in ("reference", "cpu_grouped", "triton", "cuda"):
+        try:
+            model.set_moe_backend(backend)
+        except ValueError as exc:
+            log(f"model backend {backend}: not available ({exc})")
+            continue
+        with torch.no_grad():
+            logits[backend] = model(ids.to(DEVICE), use_cache=False).logits.float().cpu()
+    for backend, got in logits.items():
+        err = (got - logits["reference"]).abs().max().item()
+        check(f"whole model fp32 {backend} vs reference", err <= 1e-3, f"max |dlogits| {err:.2e}")
+    with tempfile.TemporaryDirectory() as tmp:
+        for label, spec in (("fp8", QuantSpec("fp8", partial_blocks=True)),
+                            ("fp4-experts", QuantSpec("fp8", partial_blocks=True, expert_dtype="fp4"))):
+            out = Path(tmp) / label
+            quantize_checkpoint(ckpt, out, spec)
+            want_model = load_quantized_model(DeepseekV4ForCausalLM, out, dtype=torch.float32, quantized_experts="dequantize")
+            # on CUDA the default moe_backend="auto" must pick Triton and keep the experts quantized
+            kept = DeepseekV4ForCausalLM.from_pretrained(out, dtype=torch.float32, device_map=DEVICE,
+                                                         moe_backend="triton" if DEVICE == "cpu" else None)
+            ex = kept.model.layers[1].mlp.experts
+            ok_kept = isinstance(ex, QuantizedExperts) and ex.backend == "triton" and ex.gate_up_q.device.type == DEVICE
+            with torch.no_grad():
+                want = want_model(ids, use_cache=False).logits.float()
+                got = kept(ids.to(DEVICE), use_cache=False).logits.float().cpu()
+            err = (got - want).abs().max().item()
+            agree = (got.argmax(-1) == want.argmax(-1)).float().mean().item()
+            check(f"quantized load {label}: experts kept for triton on GPU, logits vs CPU dequantized", ok_kept and err <= 1e-2,
+                  f"kept={ok_kept} ({type(ex).__name__}, backend {getattr(ex, 'backend', '?')}), max |dlogits| {err:.2e}, "
+                  f"top-1 agreement {agree:.4f}")
+
+
 # ----------------------------------------------------------------------------- benchmark
 
 
@@ -323,6 +368,10 @@ def main() -> int:
 
     triton_moe.AUTOTUNE = False  # correctness does not need tuned tiles: fewer compilations
     correctness(ext_ok)
+    try:
+        model_checks()
+    except Exception as exc:
+        check("model checks", False, f"{type(exc).__name__}: {exc}")
     triton_moe.AUTOTUNE = True
     rows = []
     try:

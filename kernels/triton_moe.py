@@ -535,8 +535,11 @@ def triton_experts(experts, hidden_states: torch.Tensor, top_k_index: torch.Tens
     top_k = top_k_index.shape[1]
     num_experts = gu.shape[0]
     inter = dn.shape[-1] * (2 if fmt == "mxfp4" else 1)
-    if gu.shape[1] != 2 * inter or dn.shape[1] != hdim:
-        raise ValueError(f"expert shapes do not match: gate_up {list(gu.shape)}, down {list(dn.shape)}, hidden {hdim}")
+    # rows of the up projection start at up_offset (== inter, or padded to whole FP8 scale blocks)
+    up_offset = int(getattr(experts, "up_offset", inter))
+    if up_offset < inter or gu.shape[1] != 2 * up_offset or dn.shape[1] != hdim:
+        raise ValueError(f"expert shapes do not match: gate_up {list(gu.shape)}, down {list(dn.shape)}, hidden {hdim}"
+                         + (f", up rows at {up_offset}" if up_offset != inter else ""))
     if fmt == "fp8":
         _check_fp8_blocks(gs, gu, "gate_up_proj")
         _check_fp8_blocks(ds, dn, "down_proj")
@@ -554,7 +557,7 @@ def triton_experts(experts, hidden_states: torch.Tensor, top_k_index: torch.Tens
     f32 = interpreting() or x.dtype == torch.float32 or (fmt == "dense" and gu.dtype == torch.float32)
     act_dtype = torch.float32 if x.dtype == torch.float32 else x.dtype
     h = torch.empty((al.capacity, inter), dtype=act_dtype, device=x.device)
-    _launch_gemm(x, gu, gs, h, al, wts, inter, hdim, num_slots, top_k, inter, experts.limit, 0, fmt, f32)
+    _launch_gemm(x, gu, gs, h, al, wts, inter, hdim, num_slots, top_k, up_offset, experts.limit, 0, fmt, f32)
     y = torch.empty((num_slots, hdim), dtype=act_dtype, device=x.device)
     _launch_gemm(h, dn, ds, y, al, wts, hdim, inter, num_slots, top_k, 0, experts.limit, 1, fmt, f32)
     block_h = min(1024, triton.next_power_of_2(hdim))

@@ -748,7 +748,10 @@ class DeepseekV4PreTrainedModel(PreTrainedModel):
     def from_pretrained(cls, pretrained_model_name_or_path, *args, moe_backend: str | None = None, verify_manifest: bool = False, **kwargs):
         """transformers' loader plus: ``moe_backend`` selection, strict checks that every tensor of the
         checkpoint matched (missing / unexpected / wrong shape -> ValueError naming the tensor), and
-        optional verification of a signed release manifest before any weight is read."""
+        optional verification of a signed release manifest before any weight is read. Quantized
+        checkpoints (config.json with ``quantization_config``) go through ``dsv41.quantization``;
+        there ``quantized_experts="auto" | "keep" | "dequantize"`` chooses whether FP8 / FP4 routed
+        experts stay quantized (auto: when the MoE backend reads them, i.e. Triton on GPU)."""
         from .checkpoint_deepseek_v4 import strict_load
 
         return strict_load(super().from_pretrained, cls, pretrained_model_name_or_path, args, kwargs, moe_backend, verify_manifest)

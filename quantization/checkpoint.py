@@ -626,12 +626,50 @@ def dequantize_checkpoint(
 def iter_dequantized_tensors(path: str | Path, dtype: torch.dtype = torch.bfloat16) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield ``(official name, tensor)`` one tensor at a time, dequantizing quantized weights to
     ``dtype``; unquantized tensors keep their stored dtype."""
+    for name, tensor, _ in iter_checkpoint_tensors(path, dtype):
+        yield name, tensor
+
+
+@dataclass
+class RawQuantized:
+    """A quantized weight as stored: ``kind`` (fp8 | fp4 | int8 | int4 | gptoss), codes, scale and,
+    for fp8, the scale block ``(rows, cols)``."""
+
+    kind: str
+    weight: torch.Tensor
+    scale: torch.Tensor
+    block: tuple[int, int] | None
+
+
+def quantized_groups(path: str | Path) -> dict[str, tuple[str, tuple[int, ...], tuple[int, int] | None, tuple[int, ...]]]:
+    """``{weight name: (kind, dequantized shape, fp8 block, scale shape)}`` for every quantized
+    weight of a checkpoint (headers only, nothing is read)."""
+    groups, _ = _classify(Checkpoint(path))
+    out = {}
+    for g in groups:
+        if g.kind != "plain":
+            _validate_group(g)
+            out[g.out_name] = (g.kind, _out_shape(g), g.block, tuple(g.scale.shape))
+    return out
+
+
+def iter_checkpoint_tensors(
+    path: str | Path, dtype: torch.dtype = torch.bfloat16, keep=None
+) -> Iterator[tuple[str, torch.Tensor | None, RawQuantized | None]]:
+    """Yield ``(name, tensor, None)`` one tensor at a time, quantized weights dequantized to
+    ``dtype`` -- or ``(name, None, RawQuantized)`` for the quantized weights whose name
+    ``keep(name)`` accepts (read as stored, scale included)."""
     ck = Checkpoint(path)
     for p in plan_dequantize(ck):
         if p.kind == "passthrough":
-            yield p.src.name, read_tensor(p.src)
+            yield p.src.name, read_tensor(p.src), None
+            continue
+        g = p.extra["group"]
+        name = p.outputs[0][0]
+        if keep is not None and keep(name):
+            yield name, None, RawQuantized(g.kind, read_tensor(g.weight), read_tensor(g.scale), g.block)
         else:
-            yield p.outputs[0][0], _dequant_tensor(p.extra["group"], dtype)
+            yield name, _dequant_tensor(g, dtype), None
 
 
 def load_dequantized_state_dict(path: str | Path, dtype: torch.dtype = torch.bfloat16) -> dict[str, torch.Tensor]:

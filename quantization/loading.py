@@ -1,25 +1,29 @@
-"""Loading any supported checkpoint format into our model on CPU (dequantize on the fly).
+"""Loading any supported checkpoint format into our model.
 
-:func:`load_quantized_model` is what ``DeepseekV4ForCausalLM.from_pretrained`` can call when the
-folder's config.json carries a ``quantization_config`` (or any quantized tensor is present): the
-model is built from the config (without the quantization config), then every checkpoint tensor
-is read, dequantized and copied into its parameter one at a time, so the peak memory is the model
-plus one tensor. Official, mixed (``model.`` prefix) and in-memory namings are all accepted.
+:func:`load_quantized_model` is what ``DeepseekV4ForCausalLM.from_pretrained`` calls when the
+folder's config.json carries a ``quantization_config``: the model is built from the config
+(without the quantization config), then every checkpoint tensor is read, dequantized and copied
+into its parameter one at a time, so the peak memory is the model plus one tensor. FP8 / FP4
+routed experts can instead stay in their stored format (:mod:`dsv41.quantization.experts`), read
+by the Triton kernels on GPU or dequantized per call on CPU. Official, mixed (``model.`` prefix)
+and in-memory namings are all accepted.
 """
 
 from __future__ import annotations
 
+import logging
 import re
 from pathlib import Path
 
 import torch
 
-from .checkpoint import iter_dequantized_tensors
+from .checkpoint import iter_checkpoint_tensors
 from .codecs import QuantizationError
 from .names import canonical
 
 _EXPERT = re.compile(r"^layers\.(\d+)\.ffn\.experts\.(\d+)\.(w[123])\.weight$")
 _IGNORE = re.compile(r"(^|\.)mtp\.")
+logger = logging.getLogger(__name__)
 
 
 def _official_to_memory(name: str) -> str | None:
@@ -39,31 +43,109 @@ def _official_to_memory(name: str) -> str | None:
     return None
 
 
+QUANTIZED_EXPERTS_MODES = ("auto", "keep", "dequantize")
+
+
+def _expert_layers_to_keep(path: Path, config, mode: str, backend: str) -> dict[int, str]:
+    """``{layer: "fp8" | "mxfp4"}`` for the MoE layers whose routed experts stay quantized.
+
+    ``keep``: every quantized routed-expert tensor must be FP8 on 128x128 blocks or FP4 (else an
+    error naming the tensor); ``auto``: keep them only when ``backend`` has quantized kernels
+    (Triton), and dequantize any layer that does not fit; ``dequantize``: keep nothing."""
+    from .experts import QUANTIZED_KERNEL_BACKENDS, fp8_block_fits_kernel
+
+    if mode not in QUANTIZED_EXPERTS_MODES:
+        raise QuantizationError(f"quantized_experts must be one of {list(QUANTIZED_EXPERTS_MODES)}, got {mode!r}")
+    if mode == "dequantize" or (mode == "auto" and backend not in QUANTIZED_KERNEL_BACKENDS):
+        return {}
+    from .checkpoint import quantized_groups
+
+    per_layer: dict[int, set[str]] = {}
+    refused: dict[int, str] = {}
+    for name, (kind, shape, block, scale_shape) in quantized_groups(path).items():
+        m = _EXPERT.match(canonical(name))
+        if not m:
+            continue
+        layer = int(m.group(1))
+        if kind == "fp8" and fp8_block_fits_kernel(shape[-2], shape[-1], block, scale_shape):
+            per_layer.setdefault(layer, set()).add("fp8")
+        elif kind == "fp4":
+            per_layer.setdefault(layer, set()).add("mxfp4")
+        else:
+            why = f"{kind} with scale block {block}" if kind == "fp8" else kind
+            refused.setdefault(layer, f"tensor {name!r} is {why}; the expert kernels read FP8 on 128x128 blocks or FP4")
+    keep: dict[int, str] = {}
+    for layer, kinds in per_layer.items():
+        if layer in refused or len(kinds) != 1:
+            refused.setdefault(layer, f"layer {layer} mixes expert formats {sorted(kinds)}")
+            continue
+        keep[layer] = kinds.pop()
+    if refused and mode == "keep":
+        layer = min(refused)
+        raise QuantizationError(f"{path}: cannot keep the routed experts quantized: {refused[layer]}")
+    for layer in sorted(refused):
+        logger.warning("%s: dequantizing the routed experts of layer %d (%s)", path, layer, refused[layer])
+    return keep
+
+
 def load_quantized_model(
     model_cls,
     path: str | Path,
     dtype: torch.dtype = torch.bfloat16,
     moe_backend: str | None = None,
     config=None,
+    quantized_experts: str = "auto",
+    device: str | torch.device | None = None,
 ):
     """Build ``model_cls`` from ``path``'s config and fill it from the checkpoint (any supported
     format), dequantizing to ``dtype``. Raises naming any checkpoint tensor the model lacks or any
-    model tensor the checkpoint lacks."""
+    model tensor the checkpoint lacks.
+
+    ``quantized_experts``: ``auto`` keeps FP8 / FP4 routed experts in their stored format when the
+    MoE backend for ``device`` reads them directly (Triton: dequantized inside the kernel), ``keep``
+    always keeps them (on CPU the experts hit are dequantized per call, so memory stays at the
+    quantized size), ``dequantize`` turns every weight into ``dtype``. ``device``: where the model
+    goes after loading (tensors are read on the CPU, one at a time)."""
+    from dsv41.modeling.moe_deepseek_v4 import resolve_backend
+
     path = Path(path)
     if config is None:
         config = model_cls.config_class.from_pretrained(path)
     if hasattr(config, "quantization_config"):
         del config.quantization_config
+    target_device = torch.device(device) if device is not None else torch.device("cpu")
+    backend = resolve_backend(moe_backend or getattr(config, "moe_backend", "auto"), target_device)
+    keep_layers = _expert_layers_to_keep(path, config, quantized_experts, backend)
     model = model_cls._from_config(config, dtype=dtype)
     model.eval()
+    if keep_layers:
+        from .experts import QuantizedExperts
+
+        for layer, fmt in keep_layers.items():
+            mlp = model.model.layers[layer].mlp
+            mlp.experts = QuantizedExperts(
+                fmt, config.n_routed_experts, config.hidden_size, config.moe_intermediate_size, config.swiglu_limit
+            )
     params = dict(model.named_parameters())
     params.update(dict(model.named_buffers()))
     filled: set[str] = set()
     unexpected: list[str] = []
     expert_fill: dict[str, set] = {}
+
+    def kept(name: str) -> bool:
+        m = _EXPERT.match(canonical(name))
+        return bool(m) and int(m.group(1)) in keep_layers
+
     with torch.no_grad():
-        for name, tensor in iter_dequantized_tensors(path, dtype):
+        for name, tensor, raw in iter_checkpoint_tensors(path, dtype, keep=kept if keep_layers else None):
             if _IGNORE.search(name):
+                continue
+            if raw is not None:  # a routed-expert weight kept quantized
+                m = _EXPERT.match(canonical(name))
+                layer, e, w = int(m.group(1)), int(m.group(2)), m.group(3)
+                experts = model.model.layers[layer].mlp.experts
+                experts.set_expert(e, w, raw.weight, raw.scale, name)
+                expert_fill.setdefault(f"model.layers.{layer}.mlp.experts.quantized", set()).add((e, w))
                 continue
             if name in params:  # in-memory naming
                 _copy(params[name], tensor, name)
@@ -96,13 +178,20 @@ def load_quantized_model(
             _copy(params[mem], tensor, name)
             filled.add(mem)
     for target, got in expert_fill.items():
-        n = params[target].shape[0]
-        need = {(e, w) for e in range(n) for w in (("w2",) if target.endswith("down_proj") else ("w1", "w3"))}
+        layer = target.split(".")[2]
+        if target.endswith(".quantized"):
+            n = config.n_routed_experts
+            need = {(e, w) for e in range(n) for w in ("w1", "w2", "w3")}
+            prefix = target[: -len("quantized")]
+            done = [prefix + b for b in ("gate_up_q", "gate_up_scale", "down_q", "down_scale")]
+        else:
+            n = params[target].shape[0]
+            need = {(e, w) for e in range(n) for w in (("w2",) if target.endswith("down_proj") else ("w1", "w3"))}
+            done = [target]
         if need - got:
             e, w = sorted(need - got)[0]
-            layer = target.split(".")[2]
             raise QuantizationError(f"{path}: missing tensor layers.{layer}.ffn.experts.{e}.{w}.weight")
-        filled.add(target)
+        filled.update(done)
     persistent = {n for n, _ in model.named_parameters()}
     persistent |= {n for n in dict(model.named_buffers()) if _is_persistent(model, n)}
     missing = sorted(persistent - filled)
@@ -111,6 +200,8 @@ def load_quantized_model(
             f"{path}: checkpoint does not match the model: "
             + "; ".join([f"unexpected tensor {n}" for n in unexpected[:10]] + [f"missing tensor {n}" for n in missing[:10]])
         )
+    if device is not None:
+        model.to(target_device)
     if hasattr(model, "set_moe_backend"):
         model.set_moe_backend(moe_backend or getattr(model.config, "moe_backend", "auto"))
     return model

@@ -236,6 +236,57 @@ def test_quantized_layouts_match_quantization_codecs(tm):
         torch.testing.assert_close(tm.triton_experts(q, x, idx, w), want, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("fmt,h,i", [("fp8", 160, 160), ("fp8", 64, 32), ("mxfp4", 96, 64)])
+def test_triton_reads_loader_layout(tm, fmt, h, i):
+    """The loader's kept-quantized experts (dsv41.quantization.experts: w1 / w3 filled separately,
+    FP8 up rows padded to whole 128-row scale blocks) == the reference on the dequantized weights."""
+    from dsv41.quantization import codecs
+    from dsv41.quantization.experts import QuantizedExperts
+
+    dense = make_experts(4, h, i, limit=1.5)
+    q = QuantizedExperts(fmt, 4, h, i, 1.5)
+    for e in range(4):
+        for proj, w in (("w1", dense.gate_up_proj[e, :i]), ("w3", dense.gate_up_proj[e, i:]), ("w2", dense.down_proj[e])):
+            codes, scale = codecs.quantize_fp8_block(w) if fmt == "fp8" else codecs.quantize_mxfp4(w)
+            q.set_expert(e, proj, codes, scale, f"experts.{e}.{proj}.weight")
+    assert q.up_offset == (256 if (fmt, i) == ("fp8", 160) else 128 if fmt == "fp8" else i)
+    gu, dn = q.dequantized()
+    assert rel_err(gu, dense.gate_up_proj) < (0.05 if fmt == "fp8" else 0.2)
+    idx, w = routing(5, 4, 2)
+    x = torch.randn(5, h)
+    want = reference_experts(SimpleNamespace(gate_up_proj=gu, down_proj=dn, limit=1.5), x, idx, w)
+    torch.testing.assert_close(tm.triton_experts(q, x, idx, w), want, atol=1e-5, rtol=0)
+
+
+def test_triton_model_with_kept_quantized_experts(tm, tmp_path):
+    """A quantized checkpoint loaded with moe_backend='triton': the experts stay FP8 / FP4 and the
+    kernels dequantize them inside the GEMMs; logits == the fully dequantized model."""
+    from dsv41.modeling import DeepseekV4Config, DeepseekV4ForCausalLM
+    from dsv41.quantization import QuantSpec, load_quantized_model, quantize_checkpoint
+    from dsv41.quantization.experts import QuantizedExperts
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from modeling_utils import tiny_config_kwargs
+
+    cfg = DeepseekV4Config(**tiny_config_kwargs(vocab_size=256, hidden_size=64, moe_intermediate_size=32, head_dim=32,
+                                                q_lora_rank=64, o_lora_rank=32, num_attention_heads=2,
+                                                index_n_heads=32, index_head_dim=32))
+    torch.manual_seed(0)
+    DeepseekV4ForCausalLM(cfg).to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
+    ids = torch.randint(0, 256, (1, 10), generator=torch.Generator().manual_seed(2))
+    for label, spec in (("fp8", QuantSpec("fp8", partial_blocks=True)),
+                        ("fp4", QuantSpec("fp8", partial_blocks=True, expert_dtype="fp4"))):
+        quantize_checkpoint(tmp_path / "bf16", tmp_path / label, spec)
+        dense = load_quantized_model(DeepseekV4ForCausalLM, tmp_path / label, dtype=torch.float32,
+                                     quantized_experts="dequantize")
+        kept = DeepseekV4ForCausalLM.from_pretrained(tmp_path / label, dtype=torch.float32, moe_backend="triton")
+        experts = kept.model.layers[1].mlp.experts
+        assert isinstance(experts, QuantizedExperts) and experts.backend == "triton"
+        with torch.no_grad():
+            got, want = kept(ids, use_cache=False).logits, dense(ids, use_cache=False).logits
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
 def test_triton_experts_fall_back_under_autograd(tm):
     ex = make_experts(4, 32, 16)
     ex.gate_up_proj.requires_grad_(True)

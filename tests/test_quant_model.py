@@ -120,6 +120,70 @@ def test_load_reports_mismatch(tiny_dir, tmp_path):
         load_quantized_model(DeepseekV4ForCausalLM, out)
 
 
+# FP8 on the kernels' 128x128 blocks (partial edge blocks: the tiny dims are 64) and FP4 experts
+KEEPABLE = {
+    "fp8": QuantSpec("fp8", partial_blocks=True),
+    "fp8-fp4experts": QuantSpec("fp8", partial_blocks=True, expert_dtype="fp4"),
+    "mxfp4": QuantSpec("mxfp4"),
+}
+
+
+@pytest.mark.parametrize("label", list(KEEPABLE))
+def test_experts_kept_quantized_on_cpu(tiny_dir, batches, tmp_path, label):
+    """quantized_experts='keep': routed experts stay FP8 / FP4 in memory (smaller model), the CPU
+    path dequantizes the experts hit per call, and the logits equal the fully dequantized model."""
+    from dsv41.quantization.experts import QuantizedExperts
+
+    out = tmp_path / label
+    quantize_checkpoint(tiny_dir, out, KEEPABLE[label])
+    dense = load_quantized_model(DeepseekV4ForCausalLM, out, dtype=torch.float32, quantized_experts="dequantize")
+    kept = DeepseekV4ForCausalLM.from_pretrained(out, dtype=torch.float32, quantized_experts="keep", device_map="cpu")
+    layers = kept.model.layers
+    assert all(isinstance(layer.mlp.experts, QuantizedExperts) for layer in layers)
+    assert layers[0].mlp.experts.fmt == ("fp8" if label == "fp8" else "mxfp4")
+    assert layers[0].mlp.experts.backend == "cpu_grouped"
+    nbytes = lambda m: sum(t.numel() * t.element_size() for t in m.state_dict().values())  # noqa: E731
+    assert nbytes(kept) < 0.8 * nbytes(dense)
+    ids = batches["eval"]
+    assert torch.equal(_logits(kept, ids), _logits(dense, ids))
+    kept.set_moe_backend("reference")
+    torch.testing.assert_close(_logits(kept, ids), _logits(dense, ids), atol=1e-5, rtol=0)
+    # cached decoding through the kept experts (one token per step) == the dense model
+    gen = dict(max_new_tokens=6, do_sample=False, use_cache=True)
+    assert torch.equal(kept.generate(ids[:1, :8], **gen), dense.generate(ids[:1, :8], **gen))
+    # saving would have to invent dense weights: refused before anything is written
+    with pytest.raises(ValueError, match=r"model\.layers\.0\.mlp\.experts holds routed experts kept in"):
+        kept.save_pretrained(tmp_path / "resaved")
+    assert not (tmp_path / "resaved").exists()
+
+
+def test_experts_that_do_not_fit_the_kernels(tiny_dir, tmp_path, caplog):
+    """FP8 on 32x32 blocks cannot be read by the 128x128-block kernels: 'keep' names the tensor,
+    'auto' with the Triton backend falls back to dequantizing (with a warning), on CPU 'auto'
+    dequantizes silently; int8 experts likewise; a bad mode is refused."""
+    from dsv41.modeling import DeepseekV4Config as Cfg
+    from dsv41.quantization import QuantizationError
+    from dsv41.quantization.loading import _expert_layers_to_keep
+
+    out = tmp_path / "fp8-32"
+    quantize_checkpoint(tiny_dir, out, QuantSpec("fp8", block=(32, 32)))
+    with pytest.raises(QuantizationError, match=r"tensor 'layers\.\d+\.ffn\.experts\.\d+\.w[123]\.weight' is fp8 with scale block \(32, 32\)"):
+        load_quantized_model(DeepseekV4ForCausalLM, out, quantized_experts="keep")
+    cfg = Cfg.from_pretrained(out)
+    with caplog.at_level("WARNING"):
+        assert _expert_layers_to_keep(out, cfg, "auto", "triton") == {}
+    assert "dequantizing the routed experts of layer 0" in caplog.text
+    assert _expert_layers_to_keep(out, cfg, "auto", "cpu_grouped") == {}
+    int8 = tmp_path / "int8"
+    quantize_checkpoint(tiny_dir, int8, QuantSpec("int8", group_size=32))
+    with pytest.raises(QuantizationError, match=r"is int8; the expert kernels read FP8 on 128x128 blocks or FP4"):
+        load_quantized_model(DeepseekV4ForCausalLM, int8, quantized_experts="keep")
+    with pytest.raises(QuantizationError, match=r"quantized_experts must be one of \['auto', 'keep', 'dequantize'\], got 'always'"):
+        load_quantized_model(DeepseekV4ForCausalLM, int8, quantized_experts="always")
+    with pytest.raises(ValueError, match=r"quantized checkpoints load onto one device"):
+        DeepseekV4ForCausalLM.from_pretrained(int8, device_map={"model.embed_tokens": "cpu", "lm_head": "meta"})
+
+
 def test_gptq_model_beats_rtn(tiny_dir, batches, ref_logits, tmp_path):
     model = DeepseekV4ForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32).eval()
     hessians = collect_hessians(model, batches["calib"].split(4), bits=4, group_size=32)

@@ -152,6 +152,12 @@ def save_checkpoint(model, save_directory, naming: str = "official", max_shard_s
         raise ValueError(f"naming must be 'official' or 'transformers', got {naming!r}")
     if not safe_serialization:
         raise ValueError("only safetensors checkpoints are written (safe_serialization=False is not supported)")
+    kept = [n for n, m in model.named_modules() if getattr(m, "fmt", None) in ("fp8", "mxfp4")]
+    if kept:
+        raise ValueError(
+            f"{kept[0]} holds routed experts kept in {model.get_submodule(kept[0]).fmt}; save_pretrained writes dense "
+            "weights: reload with quantized_experts='dequantize', or write a quantized checkpoint with `dsv41 quantize`"
+        )
     save_directory = Path(save_directory)
     save_directory.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
@@ -232,8 +238,27 @@ def check_checkpoint_against_model(path, model) -> None:
         raise ValueError(f"checkpoint {path} does not match the model config:\n  " + "\n  ".join(problems[:20]) + (f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""))
 
 
+def _single_device(device_map):
+    """The one device of a ``device_map`` (str, int, torch.device, or a dict naming one device)."""
+    if device_map is None:
+        return None
+    if isinstance(device_map, dict):
+        devices = set(device_map.values())
+        if len(devices) != 1:
+            raise ValueError(
+                f"quantized checkpoints load onto one device; device_map names {sorted(map(str, devices))}"
+            )
+        (device_map,) = devices
+    if isinstance(device_map, int):
+        return torch.device("cuda", device_map)
+    if device_map == "auto":
+        return torch.device("cuda") if torch.cuda.is_available() else None
+    return torch.device(device_map)
+
+
 def strict_load(super_from_pretrained, cls, path, args, kwargs, moe_backend, verify_manifest):
     register_conversion_mapping()
+    quantized_experts = kwargs.pop("quantized_experts", "auto")
     local = Path(str(path))
     if verify_manifest:
         from dsv41.release.manifest import verify_model_dir
@@ -261,7 +286,8 @@ def strict_load(super_from_pretrained, cls, path, args, kwargs, moe_backend, ver
 
         dtype = kwargs.get("dtype", kwargs.get("torch_dtype", torch.bfloat16))
         dtype = torch.bfloat16 if dtype in (None, "auto") else (getattr(torch, dtype) if isinstance(dtype, str) else dtype)
-        model = load_quantized_model(cls, local, dtype=dtype, moe_backend=moe_backend)
+        model = load_quantized_model(cls, local, dtype=dtype, moe_backend=moe_backend, quantized_experts=quantized_experts,
+                                     device=_single_device(kwargs.get("device_map")))
         model.set_moe_backend(moe_backend or model.config.moe_backend)
         return (model, {}) if kwargs.get("output_loading_info") else model
     kwargs.setdefault("output_loading_info", False)
