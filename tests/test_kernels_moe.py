@@ -318,6 +318,27 @@ def test_cpu_grouped_matches_reference(case, dtype, gemm):
     assert_close(cpu_grouped_experts(ex, x, idx, w, gemm=gemm), reference_experts(ex, x, idx, w), dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_cpu_grouped_reuses_scratch_safely(dtype):
+    """Large prefill (intermediates above 1 MiB: the reused per-thread scratch, >= 64 rows per
+    expert: the mm loop): consecutive calls of different sizes stay exact, and a returned result
+    never aliases the scratch."""
+    from dsv41.modeling import moe_deepseek_v4 as moe
+
+    moe.release_scratch()
+    ex = make_experts(8, 512, 256, dtype)
+    results = []
+    for t, seed in ((700, 1), (300, 2), (900, 3)):
+        idx, w = routing(t, 8, 2, seed=seed)
+        x = torch.randn(t, 512).to(dtype)
+        got = cpu_grouped_experts(ex, x, idx, w)
+        assert_close(got, reference_experts(ex, x, idx, w), dtype)
+        results.append((got, got.clone()))
+    assert set(moe._SCRATCH.buffers) == {"xs", "h", "y"}
+    assert all(torch.equal(a, b) for a, b in results)  # later calls did not overwrite earlier results
+    moe.release_scratch()
+
+
 def test_cpu_grouped_gradients_match_reference():
     ex = make_experts(5, 24, 16)
     idx, w = routing(6, 5, 2)

@@ -16,10 +16,39 @@ into ``MOE_BACKENDS`` when that package is importable.
 
 from __future__ import annotations
 
+import os
+import threading
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+
+# Reused CPU scratch for the large intermediates of cpu_grouped (gathered rows, [S, 2I], [S, H]).
+# Allocations above glibc's mmap threshold (32 MiB at most) are fresh pages on every call, and
+# touching them costs more than the copies themselves (a 50 MB gather: 20 ms fresh, 2.3 ms reused).
+# Per thread, at most SCRATCH_MAX_BYTES per buffer (DSV41_CPU_SCRATCH_MB, 0 disables).
+SCRATCH_MAX_BYTES = int(float(os.environ.get("DSV41_CPU_SCRATCH_MB", "512")) * 2**20)
+_SCRATCH = threading.local()
+
+
+def _scratch(slot: str, shape: tuple[int, int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """An uninitialised [rows, cols] tensor; on CPU a view of a per-thread buffer kept for reuse.
+    Only for intermediates that do not outlive the call."""
+    nbytes = shape[0] * shape[1] * dtype.itemsize
+    if device.type != "cpu" or nbytes > SCRATCH_MAX_BYTES or nbytes < 2**20:
+        return torch.empty(shape, dtype=dtype, device=device)
+    buffers = getattr(_SCRATCH, "buffers", None)
+    if buffers is None:
+        buffers = _SCRATCH.buffers = {}
+    buf = buffers.get(slot)
+    if buf is None or buf.numel() < nbytes:
+        buf = buffers[slot] = torch.empty(nbytes, dtype=torch.uint8)
+    return buf[:nbytes].view(dtype).view(shape)
+
+
+def release_scratch() -> None:
+    """Free this thread's cpu_grouped scratch buffers."""
+    _SCRATCH.buffers = {}
 
 
 def clamped_swiglu(gate_up: torch.Tensor, limit: float) -> torch.Tensor:
@@ -94,12 +123,18 @@ def _swiglu_weighted_(h: torch.Tensor, limit: float, weights: torch.Tensor) -> t
 SMALL_SLOTS = 64
 
 
-def _use_grouped_mm(x: torch.Tensor, gate_up: torch.Tensor) -> bool:
+# With fewer rows per active expert than this, one grouped_mm call beats the per-expert mm loop
+# (measured with benchmarks/moe_cpu.py --variants; grouped_mm allocates its outputs, the loop
+# writes into reused scratch, which wins once the GEMMs are large).
+GROUPED_MM_MAX_ROWS_PER_EXPERT = {torch.bfloat16: 64, torch.float16: 64, torch.float32: 8}
+
+
+def _use_grouped_mm(x: torch.Tensor, gate_up: torch.Tensor, rows_per_expert: float) -> bool:
     if not hasattr(F, "grouped_mm") or x.device.type != "cpu" or gate_up.dtype != x.dtype:
         return False
     align = 16 // x.element_size()  # grouped_mm needs 16-byte aligned strides
-    # fp32: a per-expert mm loop measured faster than the CPU grouped_mm kernel (bf16/fp16: the reverse)
-    return x.dtype in (torch.bfloat16, torch.float16) and x.shape[1] % align == 0 and gate_up.shape[1] % (2 * align) == 0
+    return (rows_per_expert < GROUPED_MM_MAX_ROWS_PER_EXPERT.get(x.dtype, 0)
+            and x.shape[1] % align == 0 and gate_up.shape[1] % (2 * align) == 0)
 
 
 def cpu_grouped_experts(experts, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
@@ -164,21 +199,22 @@ def cpu_grouped_experts(experts, hidden_states: torch.Tensor, top_k_index: torch
         return out.to(hidden_states.dtype)
     order = order[first:last]
     token_t = order // k
-    xs = x.index_select(0, token_t)
+    rows = last - first
+    xs = torch.index_select(x, 0, token_t, out=_scratch("xs", (rows, hidden), x.dtype, x.device))
     ws = flat_w.index_select(0, order).to(x.dtype)
-    use_gmm = _use_grouped_mm(x, gate_up) if gemm == "auto" else gemm == "grouped_mm"
+    active = [(e, bounds[e] - first, bounds[e + 1] - first) for e in range(num_experts) if bounds[e + 1] > bounds[e]]
+    use_gmm = _use_grouped_mm(x, gate_up, rows / len(active)) if gemm == "auto" else gemm == "grouped_mm"
     if use_gmm:
         offs = (bounds_t[1:] - first).to(torch.int32)
         h = F.grouped_mm(xs, gate_up.transpose(1, 2), offs=offs)
         hh = _swiglu_weighted_(h, experts.limit, ws)
         y = F.grouped_mm(hh, down.transpose(1, 2), offs=offs)
     else:
-        active = [(e, bounds[e] - first, bounds[e + 1] - first) for e in range(num_experts) if bounds[e + 1] > bounds[e]]
-        h = torch.empty((last - first, gate_up.shape[1]), dtype=x.dtype, device=x.device)
+        h = _scratch("h", (rows, gate_up.shape[1]), x.dtype, x.device)
         for e, a, b in active:
             torch.mm(xs[a:b], gate_up[e].t(), out=h[a:b])
         hh = _swiglu_weighted_(h, experts.limit, ws)
-        y = torch.empty((last - first, hidden), dtype=x.dtype, device=x.device)
+        y = _scratch("y", (rows, hidden), x.dtype, x.device)
         for e, a, b in active:
             torch.mm(hh[a:b], down[e].t(), out=y[a:b])
     return out.index_add_(0, token_t, y).to(hidden_states.dtype)
