@@ -127,6 +127,15 @@ class QuantizedExperts(DeepseekV4Experts):
         fn = MOE_BACKENDS["reference" if self.backend == "reference" else "cpu_grouped"]
         return fn(dense, hidden, local, top_k_weights)
 
+    def _apply(self, fn, recurse=True):
+        """``model.to(device)`` moves the codes and scales; ``model.to(dtype)`` / ``.half()`` leave
+        their storage formats alone (the activations follow the model's dtype)."""
+        for name, buf in self._buffers.items():
+            if buf is not None:
+                moved = fn(buf)
+                self._buffers[name] = moved if moved.dtype == buf.dtype else buf.to(device=moved.device)
+        return self
+
     def extra_repr(self) -> str:
         return f"fmt={self.fmt}, num_experts={self.num_experts}, hidden={self.hidden_dim}, intermediate={self.intermediate_dim}"
 

@@ -151,6 +151,11 @@ def test_experts_kept_quantized_on_cpu(tiny_dir, batches, tmp_path, label):
     # cached decoding through the kept experts (one token per step) == the dense model
     gen = dict(max_new_tokens=6, do_sample=False, use_cache=True)
     assert torch.equal(kept.generate(ids[:1, :8], **gen), dense.generate(ids[:1, :8], **gen))
+    # casting the model changes the activations' dtype, never the stored codes / scales
+    kept.to(torch.bfloat16)
+    assert kept.model.layers[0].mlp.experts.gate_up_q.dtype in (torch.float8_e4m3fn, torch.uint8)
+    agree = (_logits(kept, ids).argmax(-1) == _logits(dense, ids).argmax(-1)).float().mean()
+    assert agree > 0.9
     # saving would have to invent dense weights: refused before anything is written
     with pytest.raises(ValueError, match=r"model\.layers\.0\.mlp\.experts holds routed experts kept in"):
         kept.save_pretrained(tmp_path / "resaved")
