@@ -137,6 +137,55 @@ def _use_grouped_mm(x: torch.Tensor, gate_up: torch.Tensor, rows_per_expert: flo
             and x.shape[1] % align == 0 and gate_up.shape[1] % (2 * align) == 0)
 
 
+# ----------------------------------------------------------------------------- fused decode
+# One token on CPU: torch's bf16 GEMV runs far below memory bandwidth (about 9 GB/s per thread
+# even from cache), so decode uses one gather-and-reduce per projection, compiled by Inductor:
+# it reads only the k experts' rows, accumulates in float32 and never materialises the gathered
+# weights. Used when the hit experts' weights are at least FUSED_DECODE_MIN_BYTES (small models
+# stay on the mm loop: not worth a compile) and torch.compile works here (it needs a C++
+# compiler; on failure the mm loop is used from then on). DSV41_CPU_FUSED_DECODE=0 disables it.
+FUSED_DECODE = os.environ.get("DSV41_CPU_FUSED_DECODE", "1") != "0"
+FUSED_DECODE_MIN_BYTES = 4 * 2**20
+_FUSED_DECODE: dict[str, object] = {}
+
+
+def decode_math(gate_up: torch.Tensor, down: torch.Tensor, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor,
+                limit: float) -> torch.Tensor:
+    """One token: ``x [H]``, valid expert ids ``idx [k]``, weights ``w [k]`` -> float32 ``[H]``."""
+    inter = down.shape[2]
+    h = (gate_up[idx].float() * x.float()).sum(-1)  # [k, 2I]
+    a = F.silu(h[:, :inter].clamp(max=limit)) * h[:, inter:].clamp(-limit, limit) * w.float()[:, None]
+    return (down[idx].float() * a[:, None, :]).sum(dim=(0, 2))
+
+
+def _fused_decode(gate_up, down, x, top_k_index, top_k_weights, limit) -> torch.Tensor | None:
+    """[1, H] float32 via the compiled :func:`decode_math`, or None when it does not apply."""
+    if not FUSED_DECODE or "failed" in _FUSED_DECODE or x.device.type != "cpu" or down.dtype != gate_up.dtype:
+        return None
+    k = top_k_index.shape[1]
+    if k * (gate_up[0].numel() + down[0].numel()) * gate_up.element_size() < FUSED_DECODE_MIN_BYTES:
+        return None
+    if torch.compiler.is_compiling():
+        return None
+    num_experts = gate_up.shape[0]
+    idx = top_k_index[0]
+    valid = (idx >= 0) & (idx < num_experts)
+    # dropped slots: any valid row with weight 0 (same shapes, so no recompilation)
+    idx = torch.where(valid, idx, torch.zeros_like(idx))
+    w = torch.where(valid, top_k_weights[0].float(), torch.zeros((), dtype=torch.float32))
+    fn = _FUSED_DECODE.get("fn")
+    if fn is None:
+        fn = _FUSED_DECODE["fn"] = torch.compile(decode_math, dynamic=True)
+    try:
+        return fn(gate_up, down, x[0], idx, w, float(limit)).view(1, -1)
+    except Exception as exc:  # no C++ compiler, unsupported platform, ...
+        import warnings
+
+        _FUSED_DECODE["failed"] = repr(exc)
+        warnings.warn(f"dsv41: compiled CPU decode unavailable ({type(exc).__name__}); using the mm loop", stacklevel=2)
+        return None
+
+
 def cpu_grouped_experts(experts, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
                         gemm: str = "auto"):
     """Sort-based grouped computation (the default on CPU).
@@ -147,6 +196,7 @@ def cpu_grouped_experts(experts, hidden_states: torch.Tensor, top_k_index: torch
     ``grouped_mm`` call each, or ``mm`` per active expert into preallocated buffers), the clamped
     SwiGLU and the routing weight are applied in place on the [S, I] intermediate, and one
     ``index_add_`` reduces the rows back to tokens. No Python work is done for idle experts.
+    A single token with large experts takes the compiled fused decode (see above).
     With autograd enabled a plain op-by-op version is used. ``gemm``: auto | grouped_mm | loop."""
     gate_up, down = experts.gate_up_proj, experts.down_proj
     if not (isinstance(gate_up, torch.Tensor) and isinstance(down, torch.Tensor)):
@@ -161,6 +211,10 @@ def cpu_grouped_experts(experts, hidden_states: torch.Tensor, top_k_index: torch
     num_slots = num_tokens * k
     if num_slots == 0:
         return out.to(hidden_states.dtype)
+    if num_tokens == 1 and gemm == "auto":
+        fused = _fused_decode(gate_up, down, x, top_k_index, top_k_weights, experts.limit)
+        if fused is not None:
+            return fused.to(hidden_states.dtype)
     flat_w = top_k_weights.reshape(-1)
     if num_slots <= SMALL_SLOTS:
         groups: dict[int, list[int]] = {}

@@ -339,6 +339,49 @@ def test_cpu_grouped_reuses_scratch_safely(dtype):
     moe.release_scratch()
 
 
+@pytest.fixture
+def fused_decode(monkeypatch):
+    """The compiled one-token path for any expert size (it normally starts at 4 MiB of hit weights)."""
+    from dsv41.modeling import moe_deepseek_v4 as moe
+
+    monkeypatch.setattr(moe, "FUSED_DECODE_MIN_BYTES", 0)
+    monkeypatch.setattr(moe, "_FUSED_DECODE", {})
+    return moe
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("e,h,i,k", [(5, 97, 33, 1), (16, 64, 32, 8)])
+def test_cpu_fused_decode_matches_reference(fused_decode, e, h, i, k, dtype):
+    """One token through the Inductor-compiled gather-and-reduce: odd sizes, top-1 and top-8, a
+    dropped slot (id == E) and a negative id are ignored."""
+    ex = make_experts(e, h, i, dtype, limit=0.7)
+    for seed in (1, 2):
+        idx, w = routing(1, e, k, seed=seed)
+        if seed == 2 and k > 1:
+            idx[0, 0], idx[0, -1] = e, -1
+        x = torch.randn(1, h).to(dtype)
+        with torch.no_grad():
+            got = cpu_grouped_experts(ex, x, idx, w.to(dtype))
+        assert_close(got, reference_experts(ex, x, idx, w.to(dtype)), dtype)
+    assert "fn" in fused_decode._FUSED_DECODE and "failed" not in fused_decode._FUSED_DECODE
+
+
+def test_cpu_fused_decode_falls_back_when_compile_fails(fused_decode):
+    """No C++ compiler (or any compile error): one warning, then the mm loop, same result."""
+    def broken(*args):
+        raise RuntimeError("no C++ compiler")
+
+    fused_decode._FUSED_DECODE["fn"] = broken
+    ex = make_experts(4, 32, 16)
+    idx, w = routing(1, 4, 2)
+    x = torch.randn(1, 32)
+    with pytest.warns(UserWarning, match="compiled CPU decode unavailable"):
+        got = cpu_grouped_experts(ex, x, idx, w)
+    assert_close(got, reference_experts(ex, x, idx, w), torch.float32)
+    assert "no C++ compiler" in fused_decode._FUSED_DECODE["failed"]
+    assert_close(cpu_grouped_experts(ex, x, idx, w), reference_experts(ex, x, idx, w), torch.float32)
+
+
 def test_cpu_grouped_gradients_match_reference():
     ex = make_experts(5, 24, 16)
     idx, w = routing(6, 5, 2)
