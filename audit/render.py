@@ -96,7 +96,7 @@ def _summary_lines(report):
     j = report["judge"]
     lines = [
         f"- Model: `{m['id']}` (revision {m['revision'] or 'local'}, {m['model_type']}, {m['num_parameters']:,} parameters, {m['dtype']})",
-        f"- Weight files: " + ", ".join(f"`{w['path']}` sha256 `{w['sha256'][:16]}…`" for w in m["weight_files"]),
+        "- Weight files: " + ", ".join(f"`{w['path']}` sha256 `{w['sha256'][:16]}…`" for w in m["weight_files"]),
         f"- Report id: `{report['report_id']}`; schema `{report['schema_version']}`; created {report['created_at']}",
         f"- Suites: {', '.join(report['settings']['suites'])}; limit {report['settings']['limit']}; seed {report['settings']['seeds']['random']}; "
         f"{report['settings']['bootstrap_iters']} bootstrap resamples, {int(report['settings']['ci_level'] * 100)}% CIs",

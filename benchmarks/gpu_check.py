@@ -185,7 +185,7 @@ def model_checks() -> None:
 
     from dsv41.modeling import DeepseekV4ForCausalLM
     from dsv41.quantization import QuantSpec, load_quantized_model, quantize_checkpoint
-    from dsv41.quantization.experts import QuantizedExperts
+    from dsv41.quantization.experts import DeepseekV4QuantizedExperts
 
     ckpt = Path(__file__).resolve().parents[1] / "dsv41" / "checkpoints" / "dsv41-tiny"
     ids = torch.randint(0, 4096, (2, 200), generator=torch.Generator().manual_seed(0))
@@ -212,7 +212,7 @@ def model_checks() -> None:
             kept = DeepseekV4ForCausalLM.from_pretrained(out, dtype=torch.float32, device_map=DEVICE,
                                                          moe_backend="triton" if DEVICE == "cpu" else None)
             ex = kept.model.layers[1].mlp.experts
-            ok_kept = isinstance(ex, QuantizedExperts) and ex.backend == "triton" and ex.gate_up_q.device.type == DEVICE
+            ok_kept = isinstance(ex, DeepseekV4QuantizedExperts) and ex.backend == "triton" and ex.gate_up_q.device.type == DEVICE
             with torch.no_grad():
                 want = want_model(ids, use_cache=False).logits.float()
                 got = kept(ids.to(DEVICE), use_cache=False).logits.float().cpu()
@@ -257,7 +257,7 @@ def limits(copy_bytes: int = 2 * 2**30, gemm: int = 8192) -> tuple[float, float]
     dst = torch.empty_like(src)
     t = cuda_time(lambda: dst.copy_(src), 10)
     bw = 2 * n * 2 / t
-    del src, dst
+    src = dst = None  # free the copy buffers before the matmul
     a = torch.randn(gemm, gemm, device=DEVICE, dtype=torch.bfloat16)
     b = torch.randn(gemm, gemm, device=DEVICE, dtype=torch.bfloat16)
     t = cuda_time(lambda: a @ b, 10)

@@ -1,6 +1,6 @@
 """Routed experts kept in their checkpoint format (FP8 128x128 blocks or FP4 e2m1 + ue8m0 per 32).
 
-:class:`QuantizedExperts` replaces a layer's dense ``DeepseekV4Experts`` when a quantized
+:class:`DeepseekV4QuantizedExperts` replaces a layer's dense ``DeepseekV4Experts`` when a quantized
 checkpoint is loaded with ``quantized_experts="keep"`` (or ``"auto"`` with the Triton backend).
 It holds the codes and scales as buffers, in the layout the Triton grouped GEMMs read
 (``dsv41.kernels.triton_moe``), so the weights are dequantized inside the kernel:
@@ -34,7 +34,7 @@ KERNEL_FP8_BLOCK = 128
 QUANTIZED_KERNEL_BACKENDS = ("triton",)
 
 
-class QuantizedExperts(DeepseekV4Experts):
+class DeepseekV4QuantizedExperts(DeepseekV4Experts):
     """Drop-in for ``DeepseekV4Experts`` holding FP8 or FP4 expert weights (see module docstring)."""
 
     def __init__(self, fmt: str, num_experts: int, hidden: int, inter: int, limit: float, device=None):

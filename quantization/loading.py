@@ -119,11 +119,11 @@ def load_quantized_model(
     model = model_cls._from_config(config, dtype=dtype)
     model.eval()
     if keep_layers:
-        from .experts import QuantizedExperts
+        from .experts import DeepseekV4QuantizedExperts
 
         for layer, fmt in keep_layers.items():
             mlp = model.model.layers[layer].mlp
-            mlp.experts = QuantizedExperts(
+            mlp.experts = DeepseekV4QuantizedExperts(
                 fmt, config.n_routed_experts, config.hidden_size, config.moe_intermediate_size, config.swiglu_limit
             )
     params = dict(model.named_parameters())

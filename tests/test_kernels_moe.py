@@ -241,10 +241,10 @@ def test_triton_reads_loader_layout(tm, fmt, h, i):
     """The loader's kept-quantized experts (dsv41.quantization.experts: w1 / w3 filled separately,
     FP8 up rows padded to whole 128-row scale blocks) == the reference on the dequantized weights."""
     from dsv41.quantization import codecs
-    from dsv41.quantization.experts import QuantizedExperts
+    from dsv41.quantization.experts import DeepseekV4QuantizedExperts
 
     dense = make_experts(4, h, i, limit=1.5)
-    q = QuantizedExperts(fmt, 4, h, i, 1.5)
+    q = DeepseekV4QuantizedExperts(fmt, 4, h, i, 1.5)
     for e in range(4):
         for proj, w in (("w1", dense.gate_up_proj[e, :i]), ("w3", dense.gate_up_proj[e, i:]), ("w2", dense.down_proj[e])):
             codes, scale = codecs.quantize_fp8_block(w) if fmt == "fp8" else codecs.quantize_mxfp4(w)
@@ -263,7 +263,7 @@ def test_triton_model_with_kept_quantized_experts(tm, tmp_path):
     kernels dequantize them inside the GEMMs; logits == the fully dequantized model."""
     from dsv41.modeling import DeepseekV4Config, DeepseekV4ForCausalLM
     from dsv41.quantization import QuantSpec, load_quantized_model, quantize_checkpoint
-    from dsv41.quantization.experts import QuantizedExperts
+    from dsv41.quantization.experts import DeepseekV4QuantizedExperts
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from modeling_utils import tiny_config_kwargs
@@ -281,7 +281,7 @@ def test_triton_model_with_kept_quantized_experts(tm, tmp_path):
                                      quantized_experts="dequantize")
         kept = DeepseekV4ForCausalLM.from_pretrained(tmp_path / label, dtype=torch.float32, moe_backend="triton")
         experts = kept.model.layers[1].mlp.experts
-        assert isinstance(experts, QuantizedExperts) and experts.backend == "triton"
+        assert isinstance(experts, DeepseekV4QuantizedExperts) and experts.backend == "triton"
         with torch.no_grad():
             got, want = kept(ids, use_cache=False).logits, dense(ids, use_cache=False).logits
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)

@@ -132,14 +132,14 @@ KEEPABLE = {
 def test_experts_kept_quantized_on_cpu(tiny_dir, batches, tmp_path, label):
     """quantized_experts='keep': routed experts stay FP8 / FP4 in memory (smaller model), the CPU
     path dequantizes the experts hit per call, and the logits equal the fully dequantized model."""
-    from dsv41.quantization.experts import QuantizedExperts
+    from dsv41.quantization.experts import DeepseekV4QuantizedExperts
 
     out = tmp_path / label
     quantize_checkpoint(tiny_dir, out, KEEPABLE[label])
     dense = load_quantized_model(DeepseekV4ForCausalLM, out, dtype=torch.float32, quantized_experts="dequantize")
     kept = DeepseekV4ForCausalLM.from_pretrained(out, dtype=torch.float32, quantized_experts="keep", device_map="cpu")
     layers = kept.model.layers
-    assert all(isinstance(layer.mlp.experts, QuantizedExperts) for layer in layers)
+    assert all(isinstance(layer.mlp.experts, DeepseekV4QuantizedExperts) for layer in layers)
     assert layers[0].mlp.experts.fmt == ("fp8" if label == "fp8" else "mxfp4")
     assert layers[0].mlp.experts.backend == "cpu_grouped"
     nbytes = lambda m: sum(t.numel() * t.element_size() for t in m.state_dict().values())  # noqa: E731

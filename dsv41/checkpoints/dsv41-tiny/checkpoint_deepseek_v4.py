@@ -14,7 +14,6 @@ saving uses the explicit table below.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 from pathlib import Path
