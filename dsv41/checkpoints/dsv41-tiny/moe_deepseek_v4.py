@@ -149,17 +149,22 @@ FUSED_DECODE_MIN_BYTES = 4 * 2**20
 _FUSED_DECODE: dict[str, object] = {}
 
 
-def decode_math(gate_up: torch.Tensor, down: torch.Tensor, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor,
-                limit: float) -> torch.Tensor:
-    """One token: ``x [H]``, valid expert ids ``idx [k]``, weights ``w [k]`` -> float32 ``[H]``."""
-    inter = down.shape[2]
-    h = (gate_up[idx].float() * x.float()).sum(-1)  # [k, 2I]
-    a = F.silu(h[:, :inter].clamp(max=limit)) * h[:, inter:].clamp(-limit, limit) * w.float()[:, None]
-    return (down[idx].float() * a[:, None, :]).sum(dim=(0, 2))
+def decode_math(gate_up: torch.Tensor, down: torch.Tensor, x: torch.Tensor, top_k_index: torch.Tensor,
+                top_k_weights: torch.Tensor, limit: float) -> torch.Tensor:
+    """One token: ``x [1, H]``, ``top_k_index [1, k]`` (ids outside [0, E) are ignored), weights
+    ``[1, k]`` -> ``[1, H]`` in x's dtype, accumulated in float32."""
+    num_experts, inter = gate_up.shape[0], down.shape[2]
+    idx = top_k_index[0]
+    valid = (idx >= 0) & (idx < num_experts)
+    idx = torch.where(valid, idx, 0)  # dropped slots read any valid row with weight 0
+    w = torch.where(valid, top_k_weights[0].float(), 0.0)
+    h = (gate_up[idx].float() * x[0].float()).sum(-1)  # [k, 2I]
+    a = F.silu(h[:, :inter].clamp(max=limit)) * h[:, inter:].clamp(-limit, limit) * w[:, None]
+    return (down[idx].float() * a[:, None, :]).sum(dim=(0, 2))[None].to(x.dtype)
 
 
 def _fused_decode(gate_up, down, x, top_k_index, top_k_weights, limit) -> torch.Tensor | None:
-    """[1, H] float32 via the compiled :func:`decode_math`, or None when it does not apply."""
+    """[1, H] via the compiled :func:`decode_math`, or None when it does not apply."""
     if not FUSED_DECODE or "failed" in _FUSED_DECODE or x.device.type != "cpu" or down.dtype != gate_up.dtype:
         return None
     k = top_k_index.shape[1]
@@ -167,17 +172,11 @@ def _fused_decode(gate_up, down, x, top_k_index, top_k_weights, limit) -> torch.
         return None
     if torch.compiler.is_compiling():
         return None
-    num_experts = gate_up.shape[0]
-    idx = top_k_index[0]
-    valid = (idx >= 0) & (idx < num_experts)
-    # dropped slots: any valid row with weight 0 (same shapes, so no recompilation)
-    idx = torch.where(valid, idx, torch.zeros_like(idx))
-    w = torch.where(valid, top_k_weights[0].float(), torch.zeros((), dtype=torch.float32))
     fn = _FUSED_DECODE.get("fn")
     if fn is None:
         fn = _FUSED_DECODE["fn"] = torch.compile(decode_math, dynamic=True)
     try:
-        return fn(gate_up, down, x[0], idx, w, float(limit)).view(1, -1)
+        return fn(gate_up, down, x, top_k_index, top_k_weights, float(limit))
     except Exception as exc:  # no C++ compiler, unsupported platform, ...
         import warnings
 
@@ -205,16 +204,16 @@ def cpu_grouped_experts(experts, hidden_states: torch.Tensor, top_k_index: torch
     if torch.is_grad_enabled() and (hidden_states.requires_grad or gate_up.requires_grad or down.requires_grad):
         return _grouped_autograd(experts, hidden_states, top_k_index, top_k_weights)
     num_tokens, k = top_k_index.shape
+    if num_tokens == 1 and k and gemm == "auto":
+        fused = _fused_decode(gate_up, down, hidden_states, top_k_index, top_k_weights, experts.limit)
+        if fused is not None:
+            return fused
     num_experts, hidden = gate_up.shape[0], hidden_states.shape[1]
     x = hidden_states if gate_up.dtype == hidden_states.dtype else hidden_states.to(gate_up.dtype)
     out = torch.zeros((num_tokens, hidden), dtype=x.dtype, device=x.device)
     num_slots = num_tokens * k
     if num_slots == 0:
         return out.to(hidden_states.dtype)
-    if num_tokens == 1 and gemm == "auto":
-        fused = _fused_decode(gate_up, down, x, top_k_index, top_k_weights, experts.limit)
-        if fused is not None:
-            return fused.to(hidden_states.dtype)
     flat_w = top_k_weights.reshape(-1)
     if num_slots <= SMALL_SLOTS:
         groups: dict[int, list[int]] = {}
