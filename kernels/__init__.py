@@ -7,7 +7,9 @@ Importing this package registers the backends that can run here:
   ``triton`` (CUDA, or ``TRITON_INTERPRET=1``) and ``cuda`` (CUDA device + CUDA torch + nvcc);
 * into transformers' ``ExpertsInterface`` as ``dsv41_triton``, ``dsv41_cuda`` and, always,
   ``dsv41_cpu_grouped`` / ``dsv41_reference``, so that stock transformers MoE models accept
-  ``from_pretrained(..., experts_implementation="dsv41_triton")``.
+  ``from_pretrained(..., experts_implementation="dsv41_triton")``;
+* on x86-64 CPUs with AVX-512, the native one-token decode kernel (``cpu_ext.py``) into
+  ``moe_deepseek_v4.NATIVE_DECODE``, used by ``cpu_grouped`` (built on first use).
 
 Nothing here raises on a CPU-only machine: a backend that cannot run is simply not registered
 (:func:`backend_status` says why).
@@ -49,6 +51,12 @@ def _register() -> None:
     from dsv41.modeling import moe_deepseek_v4 as moe
 
     backends = {"dsv41_cpu_grouped": moe.cpu_grouped_experts, "dsv41_reference": moe.reference_experts}
+    from .cpu_ext import cpu_decode_supported, native_decode
+
+    ok, why = cpu_decode_supported()
+    _STATUS["cpu_decode"] = why
+    if ok and native_decode not in moe.NATIVE_DECODE:
+        moe.NATIVE_DECODE.append(native_decode)
     ok, why = triton_usable()
     _STATUS["triton"] = why
     if ok:
@@ -87,4 +95,8 @@ def backend_status() -> dict[str, str]:
     return dict(_STATUS)
 
 
-_register()
+# The repository folder is also importable as a top-level ``kernels`` when the repo root is on
+# sys.path (e.g. transformers probes for the HF ``kernels`` package by importing that name): only
+# the real package registers anything.
+if __name__ == "dsv41.kernels":
+    _register()

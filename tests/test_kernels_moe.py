@@ -346,6 +346,7 @@ def fused_decode(monkeypatch):
 
     monkeypatch.setattr(moe, "FUSED_DECODE_MIN_BYTES", 0)
     monkeypatch.setattr(moe, "_FUSED_DECODE", {})
+    monkeypatch.setattr(moe, "NATIVE_DECODE", [])  # these tests cover the compiled PyTorch path
     return moe
 
 
@@ -380,6 +381,53 @@ def test_cpu_fused_decode_falls_back_when_compile_fails(fused_decode):
     assert_close(got, reference_experts(ex, x, idx, w), torch.float32)
     assert "no C++ compiler" in fused_decode._FUSED_DECODE["failed"]
     assert_close(cpu_grouped_experts(ex, x, idx, w), reference_experts(ex, x, idx, w), torch.float32)
+
+
+def _native_decode():
+    from dsv41.kernels import cpu_ext
+
+    ok, why = cpu_ext.cpu_decode_supported()
+    if not ok:
+        pytest.skip(f"native CPU decode kernel: {why}")
+    return cpu_ext
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("e,h,i,k", [(5, 97, 33, 1), (16, 64, 32, 8), (6, 1000, 200, 6)])
+def test_cpu_native_decode_matches_reference(e, h, i, k, dtype):
+    """The AVX-512 C++ decode (built on first use): odd sizes (vector tails), top-1 / top-8, a dropped
+    and a negative id, all ids dropped."""
+    cpu_ext = _native_decode()
+    ex = make_experts(e, h, i, dtype, limit=0.7)
+    for seed in (1, 2):
+        idx, w = routing(1, e, k, seed=seed)
+        if seed == 2 and k > 1:
+            idx[0, 0], idx[0, -1] = e, -1
+        x = torch.randn(1, h).to(dtype)
+        got = cpu_ext.native_decode(ex.gate_up_proj, ex.down_proj, x, idx, w.to(dtype), 0.7)
+        assert_close(got, reference_experts(ex, x, idx, w.to(dtype)), dtype)
+    dropped = torch.full((1, k), e)
+    got = cpu_ext.native_decode(ex.gate_up_proj, ex.down_proj, x, dropped, w.to(dtype), 0.7)
+    assert got.dtype == dtype and not got.any()
+
+
+def test_cpu_native_decode_is_what_cpu_grouped_runs(monkeypatch):
+    """cpu_grouped sends one token with large experts to the native kernel (registered on import)."""
+    cpu_ext = _native_decode()
+    from dsv41.modeling import moe_deepseek_v4 as moe
+
+    assert cpu_ext.native_decode in moe.NATIVE_DECODE
+    calls = []
+    monkeypatch.setattr(moe, "NATIVE_DECODE", [lambda *a: calls.append(1) or cpu_ext.native_decode(*a)])
+    ex = make_experts(8, 256, 128, torch.bfloat16)
+    idx, w = routing(1, 8, 6)
+    x = torch.randn(1, 256).to(torch.bfloat16)
+    monkeypatch.setattr(moe, "FUSED_DECODE_MIN_BYTES", 10 * 2**20)  # 6 experts x 192 KiB: below
+    assert_close(cpu_grouped_experts(ex, x, idx, w), reference_experts(ex, x, idx, w), torch.bfloat16)
+    assert calls == []
+    monkeypatch.setattr(moe, "FUSED_DECODE_MIN_BYTES", 2**20)
+    assert_close(cpu_grouped_experts(ex, x, idx, w), reference_experts(ex, x, idx, w), torch.bfloat16)
+    assert calls == [1]
 
 
 def test_cpu_grouped_gradients_match_reference():

@@ -144,9 +144,12 @@ def _use_grouped_mm(x: torch.Tensor, gate_up: torch.Tensor, rows_per_expert: flo
 # weights. Used when the hit experts' weights are at least FUSED_DECODE_MIN_BYTES (small models
 # stay on the mm loop: not worth a compile) and torch.compile works here (it needs a C++
 # compiler; on failure the mm loop is used from then on). DSV41_CPU_FUSED_DECODE=0 disables it.
+# Native kernels registered by dsv41.kernels (AVX-512 C++, see kernels/cpu_ext.py) are tried first:
+# fn(gate_up, down, x [1, H], top_k_index [1, k], top_k_weights [1, k], limit) -> [1, H] or None.
 FUSED_DECODE = os.environ.get("DSV41_CPU_FUSED_DECODE", "1") != "0"
 FUSED_DECODE_MIN_BYTES = 4 * 2**20
 _FUSED_DECODE: dict[str, object] = {}
+NATIVE_DECODE: list[Callable] = []
 
 
 def decode_math(gate_up: torch.Tensor, down: torch.Tensor, x: torch.Tensor, top_k_index: torch.Tensor,
@@ -168,10 +171,14 @@ def _fused_decode(gate_up, down, x, top_k_index, top_k_weights, limit) -> torch.
     if not FUSED_DECODE or "failed" in _FUSED_DECODE or x.device.type != "cpu" or down.dtype != gate_up.dtype:
         return None
     k = top_k_index.shape[1]
-    if k * (gate_up[0].numel() + down[0].numel()) * gate_up.element_size() < FUSED_DECODE_MIN_BYTES:
+    if k * (gate_up.shape[1] * gate_up.shape[2] + down.shape[1] * down.shape[2]) * gate_up.element_size() < FUSED_DECODE_MIN_BYTES:
         return None
     if torch.compiler.is_compiling():
         return None
+    for native in NATIVE_DECODE:
+        out = native(gate_up, down, x, top_k_index, top_k_weights, limit)
+        if out is not None:
+            return out
     fn = _FUSED_DECODE.get("fn")
     if fn is None:
         fn = _FUSED_DECODE["fn"] = torch.compile(decode_math, dynamic=True)
@@ -295,8 +302,8 @@ def _try_register_kernels() -> None:
 def resolve_backend(name: str, device: torch.device) -> str:
     """Map ``auto`` to the best backend available for ``device``; validate explicit names."""
     if name == "auto":
+        _try_register_kernels()  # GPU backends, and the native CPU decode kernel
         if device.type == "cuda":
-            _try_register_kernels()
             for candidate in ("triton", "cuda"):
                 if candidate in MOE_BACKENDS:
                     return candidate
