@@ -39,7 +39,22 @@ def cpu_decode_supported() -> tuple[bool, str]:
     compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
     if not compiler:
         return False, "no C++ compiler (c++ / g++ / $CXX)"
+    if not _ninja_on_path():
+        return False, "no ninja build tool (pip install ninja)"
     return True, f"AVX-512, compiler {compiler}"
+
+
+def _ninja_on_path() -> bool:
+    """torch's JIT build runs `ninja` from PATH; the pip ``ninja`` wheel's binary is added when the
+    virtual environment is not activated."""
+    if shutil.which("ninja"):
+        return True
+    try:
+        import ninja
+    except ImportError:
+        return False
+    os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+    return shutil.which("ninja") is not None
 
 
 @functools.lru_cache(maxsize=1)

@@ -430,6 +430,25 @@ def test_cpu_native_decode_is_what_cpu_grouped_runs(monkeypatch):
     assert calls == [1]
 
 
+def test_cpu_native_decode_finds_pip_ninja(monkeypatch, tmp_path):
+    """Without an activated venv, the pip ``ninja`` wheel's binary is put on PATH for the JIT build;
+    with no ninja at all the kernel is reported unsupported (and the compiled path is used)."""
+    from dsv41.kernels import cpu_ext
+
+    fake = tmp_path / "ninja"
+    fake.write_text("#!/bin/sh\necho 1.13.0\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", "/nonexistent")
+    monkeypatch.setitem(sys.modules, "ninja", SimpleNamespace(BIN_DIR=str(tmp_path)))
+    assert cpu_ext._ninja_on_path() and os.environ["PATH"].split(os.pathsep)[0] == str(tmp_path)
+    monkeypatch.setenv("PATH", "/nonexistent")
+    monkeypatch.setitem(sys.modules, "ninja", None)  # not installed
+    assert not cpu_ext._ninja_on_path()
+    monkeypatch.setenv("DSV41_CPU_NATIVE_DECODE", "1")
+    ok, why = cpu_ext.cpu_decode_supported()
+    assert not ok and ("ninja" in why or "AVX-512" in why or "x86-64" in why or "compiler" in why)
+
+
 def test_cpu_grouped_gradients_match_reference():
     ex = make_experts(5, 24, 16)
     idx, w = routing(6, 5, 2)
