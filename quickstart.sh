@@ -19,4 +19,5 @@ if [ "${1:-}" = "--setup-only" ]; then
   exit 0
 fi
 export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1} HF_DATASETS_OFFLINE=${HF_DATASETS_OFFLINE:-1}
-.venv/bin/dsv41 audit run --suite bias,safety --out runs/quickstart-audit
+# a fresh folder per run: finished reports are never overwritten
+.venv/bin/dsv41 audit run --suite bias,safety --out "runs/quickstart-audit-$(date +%Y%m%d-%H%M%S)"
