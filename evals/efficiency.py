@@ -37,6 +37,7 @@ Conventions (written down so that the numbers can be checked by hand):
 from __future__ import annotations
 
 import json
+from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -62,15 +63,15 @@ def _need(cfg: dict, key: str, source: str):
 
 
 @dataclass
-class Arch:
+class Arch(ABC):
     name: str
     family: str
     source: str
     max_position_embeddings: int | None = None
 
-    # Filled by subclasses
-    def param_breakdown(self) -> dict[str, int]:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abstractmethod
+    def param_breakdown(self) -> dict[str, int]:
+        """Parameter counts by component, with ``total`` and ``active`` (per token)."""
 
     def total_params(self) -> int:
         b = self.param_breakdown()

@@ -116,6 +116,27 @@ class DeepseekV4LayerState:
         self.keys: torch.Tensor | None = None  # [B, L, d]
         self.key_pos: torch.Tensor | None = None  # [B, L], -1 = padding
         self.rows: list[dict] | None = None  # per batch row: {name: CompressorRowState}
+        # past recording (for crop): keys are not trimmed to the window and the compressors keep
+        # what they were fed since the last mark, until the next crop
+        self.record_past = False
+
+    def mark(self) -> None:
+        """Start a new rollback point: trim the keys to the window, reset the compressors' history."""
+        if self.rows is not None:
+            for row in self.rows:
+                for state in row.values():
+                    state.mark(self.record_past)
+
+    def crop(self, slots: int, real_per_row: list[int], keep: int) -> None:
+        """Remove the last ``slots`` token slots (``real_per_row[b]`` of them real tokens in row b)."""
+        if self.keys is not None:
+            end = self.keys.shape[1] - slots
+            start = max(0, end - keep) if keep else end
+            self.keys, self.key_pos = self.keys[:, start:end], self.key_pos[:, start:end]
+        if self.rows is not None:
+            for row, n in zip(self.rows, real_per_row):
+                for state in row.values():
+                    state.rollback(n)
 
     def select(self, index: torch.Tensor) -> None:
         if self.keys is not None:
@@ -126,19 +147,67 @@ class DeepseekV4LayerState:
 
 
 class CompressorRowState:
-    __slots__ = ("pending_kv", "pending_gate", "overlap_kv", "overlap_gate", "entries", "count")
+    __slots__ = ("pending_kv", "pending_gate", "overlap_kv", "overlap_gate", "entries", "count", "rate", "base", "fed",
+                 "window_overlaps")
 
     def __init__(self):
         self.pending_kv = self.pending_gate = None  # [n < m, width]
         self.overlap_kv = self.overlap_gate = None  # [m, d] (CSA only)
         self.entries = None  # [count, d]
         self.count = 0  # compressed entries emitted
+        self.rate = None  # compress rate m, known once fed
+        # rollback history while recording: the state at the last mark, the projected rows fed since,
+        # and the overlap half of every window closed since (CSA)
+        self.base = self.fed = self.window_overlaps = None
 
     def copy(self) -> "CompressorRowState":
         new = CompressorRowState()
         for slot in self.__slots__:
-            setattr(new, slot, getattr(self, slot))
+            value = getattr(self, slot)
+            setattr(new, slot, list(value) if isinstance(value, list) else value)
         return new
+
+    def mark(self, recording: bool) -> None:
+        if recording:
+            self.base = (self.count, self.pending_kv, self.pending_gate, self.overlap_kv, self.overlap_gate)
+            self.fed, self.window_overlaps = [], []
+        else:
+            self.base = self.fed = self.window_overlaps = None
+
+    def record(self, kv, gate, window_kv=None, window_gate=None) -> None:
+        """While recording: the new projected rows, and the overlap halves of the windows just closed."""
+        if self.fed is not None:
+            self.fed.append((kv, gate))
+            if window_kv is not None:
+                self.window_overlaps.extend(zip(window_kv, window_gate))
+
+    def rollback(self, n: int) -> None:
+        """Forget the last ``n`` real tokens fed since the last mark (entries of windows that close
+        before the new end are kept; the open window's rows come back from the history)."""
+        if n and self.rate is not None:  # (states of layers without this compressor are never fed)
+            if self.fed is None:
+                raise RuntimeError("DeepseekV4Cache.crop: the compressor state was not recording (activate_past_recording)")
+            fed_kv = torch.cat([kv for kv, _ in self.fed]) if self.fed else None
+            n_fed = 0 if fed_kv is None else fed_kv.shape[0]
+            if n > n_fed:
+                raise ValueError(f"DeepseekV4Cache.crop: cannot remove {n} tokens, only {n_fed} were fed since the last crop")
+            base_count, pend_kv, pend_gate, base_okv, base_ogate = self.base
+            fed_gate = torch.cat([g for _, g in self.fed])
+            if pend_kv is not None and pend_kv.shape[0]:
+                fed_kv, fed_gate = torch.cat([pend_kv, fed_kv]), torch.cat([pend_gate, fed_gate])
+            m = self.rate
+            first = base_count * m  # token index of fed_kv[0]
+            end = first + fed_kv.shape[0] - n
+            count = end // m
+            self.pending_kv, self.pending_gate = fed_kv[count * m - first : end - first], fed_gate[count * m - first : end - first]
+            if self.entries is not None:
+                self.entries = self.entries[:count]
+            if count == base_count:
+                self.overlap_kv, self.overlap_gate = base_okv, base_ogate
+            elif self.window_overlaps:
+                self.overlap_kv, self.overlap_gate = self.window_overlaps[count - base_count - 1]
+            self.count = count
+        self.mark(self.fed is not None)
 
 
 class DeepseekV4Cache(Cache):
@@ -155,6 +224,7 @@ class DeepseekV4Cache(Cache):
         self.seen: torch.Tensor | None = None  # [B] long
         self.slots = 0  # token slots consumed (real + padding), per row
         self.padded = False  # some row has seen a padding slot
+        self.slots_at_mark = 0  # slots when past recording started or at the last crop
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.slots
@@ -182,12 +252,49 @@ class DeepseekV4Cache(Cache):
     def reset(self) -> None:
         for i, layer in enumerate(self.layers):
             self.layers[i] = DeepseekV4LayerState(layer.layer_type)
-        self.seen, self.slots, self.padded = None, 0, False
+        self.seen, self.slots, self.padded, self.slots_at_mark = None, 0, False, 0
 
-    def crop(self, max_length: int) -> None:
-        raise NotImplementedError(
-            "DeepseekV4Cache cannot be cropped: compressed entries cannot be rewound (the model is stateful)"
-        )
+    @property
+    def is_croppable(self) -> bool:
+        return True
+
+    def activate_past_recording(self) -> None:
+        """Keep what the next forward calls feed until :meth:`crop`, so they can be rolled back."""
+        for layer in self.layers:
+            layer.record_past = True
+            layer.mark()
+        self.slots_at_mark = self.slots
+
+    def is_recording_past(self, layer_idx: int) -> bool:
+        return self.layers[layer_idx].record_past
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Remove the last ``-tokens_to_remove`` token slots (transformers' convention: a negative
+        count) fed since past recording started or since the last crop, exactly: sliding keys,
+        compressed entries, the compressors' open windows and overlap state, and positions all go
+        back to what they were after the earlier token. ``crop(0)`` trims back to the working size."""
+        if tokens_to_remove > 0:
+            raise ValueError(f"DeepseekV4Cache.crop takes a negative number of tokens to remove, got {tokens_to_remove}")
+        slots = -tokens_to_remove
+        recording = all(layer.record_past for layer in self.layers)
+        if slots and not recording:
+            raise RuntimeError("DeepseekV4Cache.crop: call activate_past_recording() before the forward calls to roll back")
+        since = self.slots - self.slots_at_mark
+        if slots > since:
+            raise ValueError(f"DeepseekV4Cache.crop: cannot remove {slots} tokens, only {since} were fed since the last crop")
+        real = [0] * (0 if self.seen is None else self.seen.shape[0])
+        if slots:
+            key_pos = self.layers[0].key_pos
+            real_t = (key_pos[:, -slots:] >= 0).sum(-1)
+            real = real_t.tolist()
+            self.seen = self.seen - real_t.to(self.seen.device)
+            self.slots -= slots
+        keep = self.sliding_window - 1
+        for layer in self.layers:
+            layer.crop(slots, real, keep)
+            if not layer.record_past:
+                layer.mark()
+        self.slots_at_mark = self.slots
 
 
 # ----------------------------------------------------------------------------- compressors
@@ -252,23 +359,29 @@ class DeepseekV4Compressor(nn.Module):
     def step_row(self, kv: torch.Tensor, gate: torch.Tensor, state: CompressorRowState, rotary) -> torch.Tensor:
         """Feed one row's new projected tokens [L, width]; returns all entries so far [count, d]."""
         m = self.compress_rate
+        state.rate = m
+        new_kv, new_gate = kv, gate
         if state.pending_kv is not None and state.pending_kv.shape[0]:
             kv = torch.cat([state.pending_kv, kv], dim=0)
             gate = torch.cat([state.pending_gate, gate], dim=0)
         W = kv.shape[0] // m
         state.pending_kv, state.pending_gate = kv[W * m :], gate[W * m :]
+        window_kv = window_gate = None
         if W > 0:
             kv_w = kv[: W * m].view(1, W, m, -1)
             gate_w = gate[: W * m].view(1, W, m, -1)
             pooled = pool_windows(kv_w, gate_w, self.position_bias, state.overlap_kv, state.overlap_gate, self.overlap)
             if self.overlap:
-                state.overlap_kv = kv_w[0, -1, :, : self.head_dim]
-                # stored with the position bias already added, as pool_windows uses it
-                state.overlap_gate = gate_w[0, -1, :, : self.head_dim] + self.position_bias[:, : self.head_dim]
+                # the overlap (Ca) half of every closed window, gate stored with the position bias
+                # already added, as pool_windows uses it; the last one feeds the next window
+                window_kv = kv_w[0, :, :, : self.head_dim]
+                window_gate = gate_w[0, :, :, : self.head_dim] + self.position_bias[:, : self.head_dim]
+                state.overlap_kv, state.overlap_gate = window_kv[-1], window_gate[-1]
             index = torch.arange(state.count, state.count + W, device=kv.device).unsqueeze(0)
             new = self.finish(pooled, index, rotary)[0]
             state.entries = new if state.entries is None else torch.cat([state.entries, new], dim=0)
             state.count += W
+        state.record(new_kv, new_gate, window_kv, window_gate)
         if state.entries is None:
             state.entries = kv.new_zeros((0, self.head_dim))
         return state.entries
@@ -408,7 +521,9 @@ class DeepseekV4Attention(nn.Module):
             key_pos = torch.cat([state.key_pos, key_pos], dim=1)
         else:
             keys = kv
-        if state is not None:
+        if state is not None and state.record_past:  # kept whole until crop trims it
+            state.keys, state.key_pos = keys, key_pos
+        elif state is not None:
             keep = self.sliding_window - 1
             state.keys, state.key_pos = keys[:, -keep:] if keep else keys[:, :0], key_pos[:, -keep:] if keep else key_pos[:, :0]
         # every layer holds the same key positions, so the mask is built once per forward call
@@ -681,7 +796,7 @@ class DeepseekV4PreTrainedModel(PreTrainedModel):
     _supports_sdpa = False
     _supports_flex_attn = False
     _can_compile_fullgraph = False
-    _is_stateful = True
+    _is_stateful = False  # the cache rolls back exactly (crop), so assisted generation works
     _keep_in_fp32_modules_strict = [
         "attn_hc", "ffn_hc", "hc_head", "sinks", "position_bias", "e_score_correction_bias",
         "q_a_norm", "kv_norm", "input_layernorm", "post_attention_layernorm", "norm",
@@ -693,6 +808,13 @@ class DeepseekV4PreTrainedModel(PreTrainedModel):
     @classmethod
     def _supports_default_dynamic_cache(cls) -> bool:
         return False  # the model builds its own DeepseekV4Cache
+
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
+        """generate() gets our cache up front (assisted decoding needs one before the first forward)."""
+        if model_kwargs.get("cache") is None and model_kwargs.get("past_key_values") is None and generation_config.use_cache:
+            model_kwargs["cache"] = DeepseekV4Cache(self.config)
+            return None
+        return super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
 
     @torch.no_grad()
     def _init_weights(self, module):
@@ -805,6 +927,7 @@ class DeepseekV4Model(DeepseekV4PreTrainedModel):
             for layer in cache.layers:
                 if layer.rows is None:
                     layer.rows = [{"compressor": CompressorRowState(), "indexer": CompressorRowState()} for _ in range(batch)]
+                    layer.mark()
         elif not bool(new_mask.all()):
             # Padding without a cache: run as a one-shot cached call so compression windows follow
             # each row's own positions (the result is identical to a stateless call on unpadded rows).

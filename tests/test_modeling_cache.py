@@ -77,3 +77,59 @@ def test_cache_reorder_selects_rows(model):
         cache.reorder_cache(torch.tensor([1, 1]))
         step = model(IDS[:, 10:11].flip(0)[:1].expand(2, -1), cache=cache, use_cache=True).logits
     assert torch.allclose(step[0], step[1])
+
+
+@pytest.mark.parametrize("plan", [[(9, 5), (7, 7), (1, 1), (6, 2)], [(3, 3), (11, 4)], [(1, 0), (12, 12)]])
+def test_crop_rolls_back_exactly(model, plan):
+    """Speculative decoding's pattern: feed k tokens, keep some, crop the rest, go on. After every
+    crop the cache must behave exactly as if the removed tokens had never been fed: compared with a
+    cache that only ever saw the kept tokens (windows closing inside the removed part included)."""
+    ids = torch.randint(0, 97, (2, 60), generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        spec, ref = DeepseekV4Cache(model.config), DeepseekV4Cache(model.config)
+        model(ids[:, :5], cache=spec, use_cache=True)
+        model(ids[:, :5], cache=ref, use_cache=True)
+        spec.activate_past_recording()
+        pos = 5
+        for fed, kept in plan:
+            junk = torch.randint(0, 97, (2, fed - kept), generator=torch.Generator().manual_seed(fed))
+            chunk = torch.cat([ids[:, pos : pos + kept], junk], dim=1)
+            model(chunk, cache=spec, use_cache=True)
+            spec.crop(-(fed - kept))
+            if kept:
+                model(ids[:, pos : pos + kept], cache=ref, use_cache=True)
+            pos += kept
+            assert spec.get_seq_length() == ref.get_seq_length() == pos
+            assert torch.equal(spec.seen, ref.seen)
+            nxt = ids[:, pos : pos + 3]
+            got = model(nxt, cache=spec, use_cache=True).logits
+            want = model(nxt, cache=ref, use_cache=True).logits
+            assert (got - want).abs().max() <= 1e-4
+            spec.crop(-3)  # the probe is rolled back too; the reference is rebuilt from the kept tokens
+            ref = DeepseekV4Cache(model.config)
+            model(ids[:, :pos], cache=ref, use_cache=True)
+
+
+def test_crop_errors(model):
+    cache = DeepseekV4Cache(model.config)
+    with torch.no_grad():
+        model(IDS[:, :6], cache=cache, use_cache=True)
+        with pytest.raises(RuntimeError, match="activate_past_recording"):
+            cache.crop(-2)
+        cache.crop(0)  # trimming back is always allowed
+        cache.activate_past_recording()
+        model(IDS[:, 6:9], cache=cache, use_cache=True)
+        with pytest.raises(ValueError, match="cannot remove 4 tokens, only 3 were fed since the last crop"):
+            cache.crop(-4)
+        with pytest.raises(ValueError, match="negative number of tokens"):
+            cache.crop(5)
+
+
+def test_assisted_generation_equals_greedy(model):
+    """Prompt-lookup (speculative) decoding crops the cache after every verification step; with an
+    exact rollback its output equals plain greedy decoding, token for token."""
+    prompt = torch.cat([IDS[:1, :8], IDS[:1, :8], IDS[:1, :4]], dim=1)  # repeats give lookup candidates
+    with torch.no_grad():
+        greedy = model.generate(prompt, max_new_tokens=20, do_sample=False)
+        assisted = model.generate(prompt, max_new_tokens=20, do_sample=False, prompt_lookup_num_tokens=4)
+    assert torch.equal(assisted, greedy)
