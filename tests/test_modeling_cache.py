@@ -123,6 +123,13 @@ def test_crop_errors(model):
             cache.crop(-4)
         with pytest.raises(ValueError, match="negative number of tokens"):
             cache.crop(5)
+        cache.crop(-3)
+        for layer in cache.layers:  # what generate() does when it hands the cache back
+            layer.record_past = False
+        model(IDS[:, 6:8], cache=cache, use_cache=True)
+        cache.crop(0)  # no rollback history is kept any more, keys are back to the window
+        assert all(st.fed is None for layer in cache.layers for row in layer.rows for st in row.values())
+        assert all(layer.keys.shape[1] <= model.config.sliding_window - 1 for layer in cache.layers)
 
 
 def test_assisted_generation_equals_greedy(model):

@@ -136,7 +136,7 @@ class DeepseekV4LayerState:
         if self.rows is not None:
             for row, n in zip(self.rows, real_per_row):
                 for state in row.values():
-                    state.rollback(n)
+                    state.rollback(n, self.record_past)
 
     def select(self, index: torch.Tensor) -> None:
         if self.keys is not None:
@@ -181,7 +181,7 @@ class CompressorRowState:
             if window_kv is not None:
                 self.window_overlaps.extend(zip(window_kv, window_gate))
 
-    def rollback(self, n: int) -> None:
+    def rollback(self, n: int, recording: bool) -> None:
         """Forget the last ``n`` real tokens fed since the last mark (entries of windows that close
         before the new end are kept; the open window's rows come back from the history)."""
         if n and self.rate is not None:  # (states of layers without this compressor are never fed)
@@ -207,7 +207,7 @@ class CompressorRowState:
             elif self.window_overlaps:
                 self.overlap_kv, self.overlap_gate = self.window_overlaps[count - base_count - 1]
             self.count = count
-        self.mark(self.fed is not None)
+        self.mark(recording)
 
 
 class DeepseekV4Cache(Cache):
@@ -292,8 +292,6 @@ class DeepseekV4Cache(Cache):
         keep = self.sliding_window - 1
         for layer in self.layers:
             layer.crop(slots, real, keep)
-            if not layer.record_past:
-                layer.mark()
         self.slots_at_mark = self.slots
 
 
@@ -356,8 +354,10 @@ class DeepseekV4Compressor(nn.Module):
         index = torch.arange(W, device=hidden.device).unsqueeze(0).expand(B, -1)
         return self.finish(pooled, index, rotary)
 
-    def step_row(self, kv: torch.Tensor, gate: torch.Tensor, state: CompressorRowState, rotary) -> torch.Tensor:
-        """Feed one row's new projected tokens [L, width]; returns all entries so far [count, d]."""
+    def step_row(self, kv: torch.Tensor, gate: torch.Tensor, state: CompressorRowState, rotary,
+                 record: bool = False) -> torch.Tensor:
+        """Feed one row's new projected tokens [L, width]; returns all entries so far [count, d].
+        ``record``: keep what is needed to roll this call back (past recording, see the cache)."""
         m = self.compress_rate
         state.rate = m
         new_kv, new_gate = kv, gate
@@ -381,7 +381,8 @@ class DeepseekV4Compressor(nn.Module):
             new = self.finish(pooled, index, rotary)[0]
             state.entries = new if state.entries is None else torch.cat([state.entries, new], dim=0)
             state.count += W
-        state.record(new_kv, new_gate, window_kv, window_gate)
+        if record:
+            state.record(new_kv, new_gate, window_kv, window_gate)
         if state.entries is None:
             state.entries = kv.new_zeros((0, self.head_dim))
         return state.entries
@@ -396,7 +397,7 @@ class DeepseekV4Compressor(nn.Module):
         rows = []
         for b, row_state in enumerate(ctx.state.rows):
             valid = ctx.valid_index[b]
-            rows.append(self.step_row(kv_all[b, valid], gate_all[b, valid], row_state[name], rotary))
+            rows.append(self.step_row(kv_all[b, valid], gate_all[b, valid], row_state[name], rotary, ctx.state.record_past))
         if len(rows) == 1:
             return rows[0].unsqueeze(0), torch.tensor([rows[0].shape[0]], device=hidden.device)
         counts = torch.tensor([r.shape[0] for r in rows], device=hidden.device, dtype=torch.long)
