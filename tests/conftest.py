@@ -52,3 +52,15 @@ def tiny_tokenizer_dir(tmp_path_factory, shared_datasets) -> Path:
     out = tmp_path_factory.mktemp("tiny_tokenizer")
     fast.save_pretrained(out)
     return out
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny tensors: one intra-op thread avoids thread hand-off costs on the shared 2-core machine
+    (modules opt in with ``pytestmark = pytest.mark.usefixtures("one_thread")``)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -28,13 +28,7 @@ from dsv41.quantization import codecs as C
 from dsv41.quantization.inspection import inspect_checkpoint
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny tensors: one intra-op thread avoids thread hand-off costs on the shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def official_state(seed=0, hidden=64, inter=32, experts=2, layers=1, dtype=torch.bfloat16):

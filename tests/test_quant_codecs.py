@@ -9,13 +9,7 @@ from dsv41.quantization import codecs as C
 from dsv41.quantization.gptq import HessianAccumulator, gptq_quantize_grouped, gptq_quantize_weight
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny tensors: one intra-op thread avoids thread hand-off costs on the shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _edge_matrix(rows=64, cols=128, seed=0):

@@ -20,13 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from modeling_utils import tiny_config_kwargs  # noqa: E402
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny tensors: one intra-op thread avoids thread hand-off costs on the shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 # every input dimension a multiple of 64 (bitsandbytes' CPU kernels need it) and of 32 (FP8 32x32, FP4 groups)
 TINY = tiny_config_kwargs(
