@@ -97,7 +97,3 @@ def native_decode(gate_up: torch.Tensor, down: torch.Tensor, x: torch.Tensor, to
             return None
         _STATE["ok"] = why
     return load_cpu_extension().moe_decode(gate_up, down, x, top_k_index, top_k_weights, float(limit))
-
-
-def status() -> str:
-    return _STATE.get("ok") or _STATE.get("failed") or cpu_decode_supported()[1]

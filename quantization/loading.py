@@ -46,7 +46,7 @@ def _official_to_memory(name: str) -> str | None:
 QUANTIZED_EXPERTS_MODES = ("auto", "keep", "dequantize")
 
 
-def _expert_layers_to_keep(path: Path, config, mode: str, backend: str) -> dict[int, str]:
+def _expert_layers_to_keep(path: Path, mode: str, backend: str) -> dict[int, str]:
     """``{layer: "fp8" | "mxfp4"}`` for the MoE layers whose routed experts stay quantized.
 
     ``keep``: every quantized routed-expert tensor must be FP8 on 128x128 blocks or FP4 (else an
@@ -115,7 +115,7 @@ def load_quantized_model(
         del config.quantization_config
     target_device = torch.device(device) if device is not None else torch.device("cpu")
     backend = resolve_backend(moe_backend or getattr(config, "moe_backend", "auto"), target_device)
-    keep_layers = _expert_layers_to_keep(path, config, quantized_experts, backend)
+    keep_layers = _expert_layers_to_keep(path, quantized_experts, backend)
     model = model_cls._from_config(config, dtype=dtype)
     model.eval()
     if keep_layers:
