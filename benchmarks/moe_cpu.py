@@ -11,7 +11,7 @@ is served from the L3 cache), and the medians are compared with two limits measu
 * bandwidth: a large memory copy (read + write bytes), for decode efficiency on the bytes of the
   experts actually hit.
 
-    python benchmarks/moe_cpu.py [--tokens 1 16 256 2048] [--dtypes bf16 fp32] [--repeats 5]
+    python benchmarks/moe_cpu.py [--tokens 1 16 64 256 2048] [--dtypes bf16 fp32] [--repeats 5]
                                  [--layers 4] [--out DIR] [--variants]
 
 Writes moe_cpu.json, moe_cpu.md and moe_cpu.png under --out (default benchmarks/results).
@@ -99,6 +99,7 @@ def flush_cache() -> None:
 
 
 def bench_case(config, layers, router, dtype, tokens: int, impls: list[str], repeats: int, seed: int) -> dict:
+    from dsv41.modeling import moe_deepseek_v4 as moe
     from dsv41.modeling.moe_deepseek_v4 import cpu_grouped_experts
 
     gen = torch.Generator().manual_seed(seed + tokens)
@@ -111,6 +112,16 @@ def bench_case(config, layers, router, dtype, tokens: int, impls: list[str], rep
     for name in impls:
         if name == "ours_loop":
             fns[name] = lambda ex: cpu_grouped_experts(ex, x, indices, weights, gemm="loop")
+        elif name == "ours_no_native":
+            def without_native(ex):
+                saved = list(moe.NATIVE_EXPERTS)
+                moe.NATIVE_EXPERTS.clear()
+                try:
+                    return cpu_grouped_experts(ex, x, indices, weights)
+                finally:
+                    moe.NATIVE_EXPERTS.extend(saved)
+
+            fns[name] = without_native
         else:
             def run(ex, name=name):
                 config._experts_implementation = name
@@ -191,10 +202,12 @@ def write_outputs(results: dict, out: Path) -> None:
             f"{s['dense_gflops']:.0f} | {s['pct_of_dense']:.0f}% | {s['ours_gbps']:.1f} | {s['pct_of_bandwidth']:.0f}% | "
             f"{s['speedup_vs_eager']:.2f} | {s['speedup_vs_grouped_mm']:.2f} | {s['speedup_vs_best_transformers']:.2f} |"
         )
-    extra = [r for r in results["rows"] if "ours_loop" in r["time_s"]]
-    if extra:
-        lines += ["", "Variant of ours with a per-expert mm loop instead of grouped_mm (ms): "
-                  + ", ".join(f"{r['dtype']} T={r['tokens']}: {r['time_s']['ours_loop'] * 1e3:.2f}" for r in extra)]
+    for variant, what in (("ours_loop", "a per-expert mm loop for every size (no native kernel, no grouped_mm)"),
+                          ("ours_no_native", "no native kernel (the PyTorch paths alone)")):
+        extra = [r for r in results["rows"] if variant in r["time_s"]]
+        if extra:
+            lines += ["", f"Variant of ours with {what} (ms): "
+                      + ", ".join(f"{r['dtype']} T={r['tokens']}: {r['time_s'][variant] * 1e3:.2f}" for r in extra)]
     lines += ["", "Targets: prefill (T=2048, bf16) >= 50% of dense and >= 3x eager; decode (T=1) >= 50% of copy "
               "bandwidth on the hit experts' bytes; never slower than the best transformers implementation."]
     (out / "moe_cpu.md").write_text("\n".join(lines) + "\n")
@@ -224,7 +237,7 @@ def write_outputs(results: dict, out: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tokens", type=int, nargs="+", default=[1, 16, 256, 2048])
+    parser.add_argument("--tokens", type=int, nargs="+", default=[1, 16, 64, 256, 2048])
     parser.add_argument("--dtypes", nargs="+", default=["bf16", "fp32"], choices=sorted(DTYPES))
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--layers", type=int, default=4, help="layers of weights rotated between calls")
@@ -238,7 +251,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     bw = copy_rate()
     print(f"memory copy: {bw / 1e9:.1f} GB/s (read + write), torch threads: {torch.get_num_threads()}")
-    impls = ["eager", "grouped_mm", "dsv41_cpu_grouped"] + (["ours_loop"] if args.variants else [])
+    impls = ["eager", "grouped_mm", "dsv41_cpu_grouped"] + (["ours_loop", "ours_no_native"] if args.variants else [])
     rows = []
     rotation_mib = 0.0
     for dname in args.dtypes:

@@ -8,8 +8,9 @@ Importing this package registers the backends that can run here:
 * into transformers' ``ExpertsInterface`` as ``dsv41_triton``, ``dsv41_cuda`` and, always,
   ``dsv41_cpu_grouped`` / ``dsv41_reference``, so that stock transformers MoE models accept
   ``from_pretrained(..., experts_implementation="dsv41_triton")``;
-* on x86-64 CPUs with AVX-512, the native one-token decode kernel (``cpu_ext.py``) into
-  ``moe_deepseek_v4.NATIVE_DECODE``, used by ``cpu_grouped`` (built on first use).
+* on x86-64 CPUs with AVX-512, the native few-rows-per-expert kernel (``cpu_ext.py``) into
+  ``moe_deepseek_v4.NATIVE_EXPERTS``, used by ``cpu_grouped`` for decode and small batches (built on
+  first use).
 
 Nothing here raises on a CPU-only machine: a backend that cannot run is simply not registered
 (:func:`backend_status` says why).
@@ -51,12 +52,12 @@ def _register() -> None:
     from dsv41.modeling import moe_deepseek_v4 as moe
 
     backends = {"dsv41_cpu_grouped": moe.cpu_grouped_experts, "dsv41_reference": moe.reference_experts}
-    from .cpu_ext import cpu_decode_supported, native_decode
+    from .cpu_ext import cpu_native_supported, native_experts
 
-    ok, why = cpu_decode_supported()
-    _STATUS["cpu_decode"] = why
-    if ok and native_decode not in moe.NATIVE_DECODE:
-        moe.NATIVE_DECODE.append(native_decode)
+    ok, why = cpu_native_supported()
+    _STATUS["cpu_native"] = why
+    if ok and native_experts not in moe.NATIVE_EXPERTS:
+        moe.NATIVE_EXPERTS.append(native_experts)
     ok, why = triton_usable()
     _STATUS["triton"] = why
     if ok:

@@ -1,12 +1,14 @@
-"""Native one-token MoE decode for x86-64 CPUs with AVX-512 (``csrc/cpu_decode.cpp``).
+"""Native routed-expert kernel for x86-64 CPUs with AVX-512 (``csrc/cpu_moe.cpp``).
 
-Decode reads each selected expert's weights once; torch's bf16 GEMV (oneDNN packs the weights on
-every call) and the Inductor-compiled gather-and-reduce both stay well below memory bandwidth, so
-this hand-written gathered GEMV pair is what ``cpu_grouped`` uses first for one token with large
-experts (see ``dsv41.modeling.moe_deepseek_v4._fused_decode``). It is built just-in-time with
-``torch.utils.cpp_extension.load`` on first use (about 30 s, cached under torch's extensions
-directory afterwards); without AVX-512, a C++ compiler, or with ``DSV41_CPU_NATIVE_DECODE=0`` the
-compiled PyTorch path is used instead.
+For few rows per expert (decode and small batches) the experts are memory-bound: each hit
+expert's weights should be read once per call. torch's small-M bf16 matmuls (oneDNN repacks the
+weights on every call) and a loop of per-expert GEMMs both stay well below memory bandwidth, so
+``cpu_grouped`` sends such calls to this hand-written kernel (counting sort by expert, register
+tiles of 2 weight rows x up to 8 rows, VDPBF16PS for bf16 when the CPU has AVX512_BF16, float32
+accumulation; see ``dsv41.modeling.moe_deepseek_v4._native_experts``). It is built just-in-time
+with ``torch.utils.cpp_extension.load`` on first use (about 30 s, cached under torch's extensions
+directory afterwards); without AVX-512, a C++ compiler or ninja, or with ``DSV41_CPU_NATIVE=0``,
+the PyTorch paths are used instead.
 """
 
 from __future__ import annotations
@@ -22,15 +24,16 @@ from pathlib import Path
 import torch
 
 CSRC = Path(__file__).resolve().parent / "csrc"
-SOURCE = CSRC / "cpu_decode.cpp"
+SOURCE = CSRC / "cpu_moe.cpp"
+CFLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16", "-fopenmp"]
 logger = logging.getLogger(__name__)
 _STATE: dict[str, str] = {}
 
 
-def cpu_decode_supported() -> tuple[bool, str]:
-    """(usable, why): x86-64 with AVX-512 (as torch detects it) and a C++ compiler."""
-    if os.environ.get("DSV41_CPU_NATIVE_DECODE", "1") == "0":
-        return False, "disabled by DSV41_CPU_NATIVE_DECODE=0"
+def cpu_native_supported() -> tuple[bool, str]:
+    """(usable, why): x86-64 with AVX-512 (as torch detects it), a C++ compiler and ninja."""
+    if os.environ.get("DSV41_CPU_NATIVE", "1") == "0":
+        return False, "disabled by DSV41_CPU_NATIVE=0"
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return False, f"needs x86-64, this is {platform.machine()}"
     capability = torch.backends.cpu.get_cpu_capability()
@@ -57,43 +60,56 @@ def _ninja_on_path() -> bool:
     return shutil.which("ninja") is not None
 
 
+def _built_before() -> bool:
+    try:
+        from torch.utils.cpp_extension import _get_build_directory
+
+        return (Path(_get_build_directory("dsv41_cpu_moe", verbose=False)) / "dsv41_cpu_moe.so").exists()
+    except Exception:  # a private torch helper: if it moves, just announce the build
+        return False
+
+
 @functools.lru_cache(maxsize=1)
 def load_cpu_extension(verbose: bool = False):
     """Build (or load the cached build of) the extension; raises with the compiler output on failure."""
-    ok, why = cpu_decode_supported()
+    ok, why = cpu_native_supported()
     if not ok:
-        raise RuntimeError(f"the dsv41 CPU decode kernel cannot be built here: {why}")
+        raise RuntimeError(f"the dsv41 native CPU experts kernel cannot be built here: {why}")
     from torch.utils.cpp_extension import load
 
-    logger.warning("dsv41: building the native CPU decode kernel (first use only; cached afterwards)")
-    return load(
-        name="dsv41_cpu_decode",
-        sources=[str(SOURCE)],
-        extra_cflags=["-O3", "-mavx512f", "-fopenmp"],
-        extra_ldflags=["-fopenmp"],
-        verbose=verbose,
-    )
+    if not _built_before():
+        logger.warning("dsv41: building the native CPU experts kernel (first use only, ~30 s; cached afterwards)")
+    return load(name="dsv41_cpu_moe", sources=[str(SOURCE)], extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"],
+                verbose=verbose)
 
 
-def native_decode(gate_up: torch.Tensor, down: torch.Tensor, x: torch.Tensor, top_k_index: torch.Tensor,
-                  top_k_weights: torch.Tensor, limit: float) -> torch.Tensor | None:
-    """One token (``x [1, H]``, ``top_k_index [1, k]``) -> ``[1, H]`` in x's dtype, or None when the
-    kernel does not apply here (then the caller uses another path)."""
-    if "failed" in _STATE or x.device.type != "cpu" or gate_up.dtype not in (torch.bfloat16, torch.float32):
+_KERNEL: list = []  # the loaded extension's moe_experts, once it built
+
+
+def native_experts(gate_up: torch.Tensor, down: torch.Tensor, x: torch.Tensor, top_k_index: torch.Tensor,
+                   top_k_weights: torch.Tensor, limit: float, bf16_dot: int = -1) -> torch.Tensor | None:
+    """``x [T, H]``, ``top_k_index / top_k_weights [T, k]`` -> ``[T, H]`` in x's dtype, or None when the
+    kernel does not apply here (then the caller uses another path). ``bf16_dot``: -1 uses VDPBF16PS
+    for bf16 weights when the CPU has it, 0 widens bf16 to float32 instead (1 requires VDPBF16PS).
+    The checks are few and cheap on purpose: at one token this call is on the decode critical path."""
+    if x.device.type != "cpu" or gate_up.dtype not in (torch.bfloat16, torch.float32) or down.dtype != gate_up.dtype:
         return None
     if not (gate_up.is_contiguous() and down.is_contiguous()):
         return None
-    if "ok" not in _STATE:
-        ok, why = cpu_decode_supported()
+    if not _KERNEL:
+        if "failed" in _STATE:
+            return None
+        ok, why = cpu_native_supported()
         if not ok:
             _STATE["failed"] = why
             return None
         try:
-            load_cpu_extension()
+            _KERNEL.append(load_cpu_extension().moe_experts)
         except Exception as exc:  # compiler error, missing headers, ...
             _STATE["failed"] = repr(exc)
-            warnings.warn(f"dsv41: native CPU decode kernel unavailable ({type(exc).__name__}); using the compiled "
-                          "PyTorch path", stacklevel=2)
+            warnings.warn(f"dsv41: native CPU experts kernel unavailable ({type(exc).__name__}); using the PyTorch "
+                          "paths", stacklevel=2)
             return None
         _STATE["ok"] = why
-    return load_cpu_extension().moe_decode(gate_up, down, x, top_k_index, top_k_weights, float(limit))
+    return _KERNEL[0](gate_up, down, x.contiguous(), top_k_index.contiguous(), top_k_weights.contiguous(),
+                      float(limit), bf16_dot)

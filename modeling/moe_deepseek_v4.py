@@ -137,19 +137,51 @@ def _use_grouped_mm(x: torch.Tensor, gate_up: torch.Tensor, rows_per_expert: flo
             and x.shape[1] % align == 0 and gate_up.shape[1] % (2 * align) == 0)
 
 
+# ----------------------------------------------------------------------------- native kernel
+# Few rows per expert (decode, small batches) are memory-bound: every hit expert's weights should
+# be read once. Native kernels registered by dsv41.kernels (AVX-512 C++, see kernels/cpu_ext.py)
+# take calls with at most NATIVE_MAX_ROWS_PER_EXPERT (token, expert) slots per expert on average
+# (half that with one thread) and at least NATIVE_MIN_BYTES of hit expert weights (small models
+# stay on the PyTorch paths: not worth a build): fn(gate_up, down, x [T, H], top_k_index [T, k],
+# top_k_weights [T, k], limit) -> [T, H] or None. The crossover with the mm loop, measured with
+# benchmarks/moe_cpu.py --variants on the scaled V4-Flash layer: the native kernel wins up to
+# 24 rows per expert (T=256) with 2 threads (1.2-1.4x) but only up to ~12 with one thread.
+NATIVE_EXPERTS: list[Callable] = []
+NATIVE_MAX_ROWS_PER_EXPERT = 32
+NATIVE_MIN_BYTES = 4 * 2**20
+
+
+def _native_max_rows() -> int:
+    return NATIVE_MAX_ROWS_PER_EXPERT if torch.get_num_threads() > 1 else NATIVE_MAX_ROWS_PER_EXPERT // 2
+
+
+def _native_experts(gate_up, down, x, top_k_index, top_k_weights, limit) -> torch.Tensor | None:
+    if not NATIVE_EXPERTS or x.device.type != "cpu" or torch.compiler.is_compiling():
+        return None
+    num_experts = gate_up.shape[0]
+    num_slots = top_k_index.numel()
+    if num_slots > _native_max_rows() * num_experts:
+        return None
+    expert_bytes = (gate_up.shape[1] * gate_up.shape[2] + down.shape[1] * down.shape[2]) * gate_up.element_size()
+    if min(num_experts, num_slots) * expert_bytes < NATIVE_MIN_BYTES:
+        return None
+    for native in NATIVE_EXPERTS:
+        out = native(gate_up, down, x, top_k_index, top_k_weights, limit)
+        if out is not None:
+            return out
+    return None
+
+
 # ----------------------------------------------------------------------------- fused decode
-# One token on CPU: torch's bf16 GEMV runs far below memory bandwidth (about 9 GB/s per thread
-# even from cache), so decode uses one gather-and-reduce per projection, compiled by Inductor:
-# it reads only the k experts' rows, accumulates in float32 and never materialises the gathered
-# weights. Used when the hit experts' weights are at least FUSED_DECODE_MIN_BYTES (small models
-# stay on the mm loop: not worth a compile) and torch.compile works here (it needs a C++
-# compiler; on failure the mm loop is used from then on). DSV41_CPU_FUSED_DECODE=0 disables it.
-# Native kernels registered by dsv41.kernels (AVX-512 C++, see kernels/cpu_ext.py) are tried first:
-# fn(gate_up, down, x [1, H], top_k_index [1, k], top_k_weights [1, k], limit) -> [1, H] or None.
+# One token without a native kernel: torch's bf16 GEMV runs far below memory bandwidth (about
+# 9 GB/s per thread even from cache), so decode uses one gather-and-reduce per projection, compiled
+# by Inductor: it reads only the k experts' rows, accumulates in float32 and never materialises the
+# gathered weights. Used when the hit experts' weights are at least FUSED_DECODE_MIN_BYTES and
+# torch.compile works here (it needs a C++ compiler; on failure the mm loop is used from then on).
+# DSV41_CPU_FUSED_DECODE=0 disables it.
 FUSED_DECODE = os.environ.get("DSV41_CPU_FUSED_DECODE", "1") != "0"
 FUSED_DECODE_MIN_BYTES = 4 * 2**20
 _FUSED_DECODE: dict[str, object] = {}
-NATIVE_DECODE: list[Callable] = []
 
 
 def decode_math(gate_up: torch.Tensor, down: torch.Tensor, x: torch.Tensor, top_k_index: torch.Tensor,
@@ -175,10 +207,6 @@ def _fused_decode(gate_up, down, x, top_k_index, top_k_weights, limit) -> torch.
         return None
     if torch.compiler.is_compiling():
         return None
-    for native in NATIVE_DECODE:
-        out = native(gate_up, down, x, top_k_index, top_k_weights, limit)
-        if out is not None:
-            return out
     fn = _FUSED_DECODE.get("fn")
     if fn is None:
         fn = _FUSED_DECODE["fn"] = torch.compile(decode_math, dynamic=True)
@@ -202,7 +230,8 @@ def cpu_grouped_experts(experts, hidden_states: torch.Tensor, top_k_index: torch
     ``grouped_mm`` call each, or ``mm`` per active expert into preallocated buffers), the clamped
     SwiGLU and the routing weight are applied in place on the [S, I] intermediate, and one
     ``index_add_`` reduces the rows back to tokens. No Python work is done for idle experts.
-    A single token with large experts takes the compiled fused decode (see above).
+    Few rows per expert with large experts go to a registered native kernel, else a single token
+    takes the compiled fused decode (see above).
     With autograd enabled a plain op-by-op version is used. ``gemm``: auto | grouped_mm | loop."""
     gate_up, down = experts.gate_up_proj, experts.down_proj
     if not (isinstance(gate_up, torch.Tensor) and isinstance(down, torch.Tensor)):
@@ -211,6 +240,10 @@ def cpu_grouped_experts(experts, hidden_states: torch.Tensor, top_k_index: torch
     if torch.is_grad_enabled() and (hidden_states.requires_grad or gate_up.requires_grad or down.requires_grad):
         return _grouped_autograd(experts, hidden_states, top_k_index, top_k_weights)
     num_tokens, k = top_k_index.shape
+    if gemm == "auto" and num_tokens * k:
+        native = _native_experts(gate_up, down, hidden_states, top_k_index, top_k_weights, experts.limit)
+        if native is not None:
+            return native.to(hidden_states.dtype)
     if num_tokens == 1 and k and gemm == "auto":
         fused = _fused_decode(gate_up, down, hidden_states, top_k_index, top_k_weights, experts.limit)
         if fused is not None:

@@ -346,7 +346,7 @@ def fused_decode(monkeypatch):
 
     monkeypatch.setattr(moe, "FUSED_DECODE_MIN_BYTES", 0)
     monkeypatch.setattr(moe, "_FUSED_DECODE", {})
-    monkeypatch.setattr(moe, "NATIVE_DECODE", [])  # these tests cover the compiled PyTorch path
+    monkeypatch.setattr(moe, "NATIVE_EXPERTS", [])  # these tests cover the compiled PyTorch path
     return moe
 
 
@@ -383,54 +383,115 @@ def test_cpu_fused_decode_falls_back_when_compile_fails(fused_decode):
     assert_close(cpu_grouped_experts(ex, x, idx, w), reference_experts(ex, x, idx, w), torch.float32)
 
 
-def _native_decode():
+def _native():
     from dsv41.kernels import cpu_ext
 
-    ok, why = cpu_ext.cpu_decode_supported()
+    ok, why = cpu_ext.cpu_native_supported()
     if not ok:
-        pytest.skip(f"native CPU decode kernel: {why}")
+        pytest.skip(f"native CPU experts kernel: {why}")
     return cpu_ext
 
 
+def _bf16_modes(cpu_ext, dtype):
+    """bf16 weights: VDPBF16PS (when this CPU has it) and the widening path; fp32: the one path."""
+    if dtype != torch.bfloat16:
+        return [-1]
+    return [0, 1] if cpu_ext.load_cpu_extension().has_avx512_bf16() else [0]
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("e,h,i,k", [(5, 97, 33, 1), (16, 64, 32, 8), (6, 1000, 200, 6)])
-def test_cpu_native_decode_matches_reference(e, h, i, k, dtype):
-    """The AVX-512 C++ decode (built on first use): odd sizes (vector tails), top-1 / top-8, a dropped
-    and a negative id, all ids dropped."""
-    cpu_ext = _native_decode()
+@pytest.mark.parametrize("e,h,i,k,t", [
+    (5, 97, 33, 1, 1),      # one token, top-1, odd sizes (vector tails everywhere)
+    (16, 64, 32, 8, 1),     # top-8
+    (6, 1000, 200, 6, 1),   # decode-sized rows, tails of 1000 % 32 and 200 % 32
+    (16, 64, 32, 8, 5),     # few tokens, most experts idle
+    (9, 130, 70, 3, 37),    # several rows per expert, odd sizes
+    (8, 256, 64, 6, 45),    # > 8 rows per expert: several register tiles per expert
+])
+def test_cpu_native_matches_reference(e, h, i, k, t, dtype):
+    """The AVX-512 C++ experts kernel (built on first use) equals the reference: odd sizes, top-1 /
+    top-8, experts with no token, a dropped (id == E) and a negative id, all ids of a token dropped."""
+    cpu_ext = _native()
     ex = make_experts(e, h, i, dtype, limit=0.7)
-    for seed in (1, 2):
-        idx, w = routing(1, e, k, seed=seed)
-        if seed == 2 and k > 1:
-            idx[0, 0], idx[0, -1] = e, -1
-        x = torch.randn(1, h).to(dtype)
-        got = cpu_ext.native_decode(ex.gate_up_proj, ex.down_proj, x, idx, w.to(dtype), 0.7)
-        assert_close(got, reference_experts(ex, x, idx, w.to(dtype)), dtype)
-    dropped = torch.full((1, k), e)
-    got = cpu_ext.native_decode(ex.gate_up_proj, ex.down_proj, x, dropped, w.to(dtype), 0.7)
-    assert got.dtype == dtype and not got.any()
+    for mode in _bf16_modes(cpu_ext, dtype):
+        for seed in (1, 2):
+            idx, w = routing(t, e, k, seed=seed)
+            if seed == 2 and k > 1:
+                idx[0, 0], idx[-1, -1] = e, -1
+                if t > 2:
+                    idx[1, :] = e  # a token whose every slot is dropped gets zeros
+            x = torch.randn(t, h).to(dtype)
+            got = cpu_ext.native_experts(ex.gate_up_proj, ex.down_proj, x, idx, w.to(dtype), 0.7, mode)
+            want = reference_experts(ex, x, idx, w.to(dtype))
+            assert_close(got, want, dtype)
+            if seed == 2 and t > 2 and k > 1:
+                assert not got[1].any()
+    dropped = torch.full((t, k), e)
+    got = cpu_ext.native_experts(ex.gate_up_proj, ex.down_proj, x, dropped, w.to(dtype), 0.7)
+    assert got.dtype == dtype and got.shape == (t, h) and not got.any()
 
 
-def test_cpu_native_decode_is_what_cpu_grouped_runs(monkeypatch):
-    """cpu_grouped sends one token with large experts to the native kernel (registered on import)."""
-    cpu_ext = _native_decode()
+def test_cpu_native_reuses_buffers_safely():
+    """Scratch buffers persist between calls: a large call, then a small one, then the large one
+    again give the same results as fresh calls; results do not alias each other."""
+    cpu_ext = _native()
+    ex = make_experts(8, 96, 40)
+    big, small = routing(60, 8, 4, seed=3), routing(1, 8, 2, seed=4)
+    xb, xs = torch.randn(60, 96), torch.randn(1, 96)
+    first = cpu_ext.native_experts(ex.gate_up_proj, ex.down_proj, xb, *big, 1.0)
+    one = cpu_ext.native_experts(ex.gate_up_proj, ex.down_proj, xs, *small, 1.0)
+    again = cpu_ext.native_experts(ex.gate_up_proj, ex.down_proj, xb, *big, 1.0)
+    assert torch.equal(first, again)
+    assert_close(one, reference_experts(ex, xs, *small), torch.float32)
+    assert_close(first, reference_experts(ex, xb, *big), torch.float32)
+
+
+def test_cpu_native_rejects_bad_shapes():
+    """Mismatched shapes fail with a message naming both shapes, instead of reading out of bounds."""
+    cpu_ext = _native()
+    ex = make_experts(4, 32, 16)
+    idx, w = routing(2, 4, 2)
+    with pytest.raises(RuntimeError, match=r"x must be \[T, 32\], got \[2, 31\]"):
+        cpu_ext.native_experts(ex.gate_up_proj, ex.down_proj, torch.randn(2, 31), idx, w, 1.0)
+    with pytest.raises(RuntimeError, match="top_k_index and top_k_weights"):
+        cpu_ext.native_experts(ex.gate_up_proj, ex.down_proj, torch.randn(3, 32), idx, w, 1.0)
+    with pytest.raises(RuntimeError, match="expert shapes do not match"):
+        cpu_ext.native_experts(ex.gate_up_proj, ex.down_proj[:, :, :8].contiguous(), torch.randn(2, 32), idx, w, 1.0)
+
+
+def test_cpu_native_is_what_cpu_grouped_runs(monkeypatch):
+    """cpu_grouped sends few rows per expert with large experts to the native kernel (registered on
+    import): one token and small batches; not many rows per expert, not small experts."""
+    cpu_ext = _native()
     from dsv41.modeling import moe_deepseek_v4 as moe
 
-    assert cpu_ext.native_decode in moe.NATIVE_DECODE
+    assert cpu_ext.native_experts in moe.NATIVE_EXPERTS
     calls = []
-    monkeypatch.setattr(moe, "NATIVE_DECODE", [lambda *a: calls.append(1) or cpu_ext.native_decode(*a)])
+    monkeypatch.setattr(moe, "NATIVE_EXPERTS", [lambda *a: calls.append(a[2].shape[0]) or cpu_ext.native_experts(*a)])
     ex = make_experts(8, 256, 128, torch.bfloat16)
+    monkeypatch.setattr(moe, "NATIVE_MIN_BYTES", 10 * 2**20)  # 6 experts x 192 KiB: below
     idx, w = routing(1, 8, 6)
     x = torch.randn(1, 256).to(torch.bfloat16)
-    monkeypatch.setattr(moe, "FUSED_DECODE_MIN_BYTES", 10 * 2**20)  # 6 experts x 192 KiB: below
     assert_close(cpu_grouped_experts(ex, x, idx, w), reference_experts(ex, x, idx, w), torch.bfloat16)
     assert calls == []
-    monkeypatch.setattr(moe, "FUSED_DECODE_MIN_BYTES", 2**20)
-    assert_close(cpu_grouped_experts(ex, x, idx, w), reference_experts(ex, x, idx, w), torch.bfloat16)
-    assert calls == [1]
+    monkeypatch.setattr(moe, "NATIVE_MIN_BYTES", 2**20)
+    monkeypatch.setattr(moe, "NATIVE_MAX_ROWS_PER_EXPERT", 4)
+    threads = torch.get_num_threads()
+    try:
+        for n_threads, limit in ((2, 4), (1, 2)):  # one thread: half the rows per expert
+            torch.set_num_threads(n_threads)
+            calls.clear()
+            for t in (1, 2, 3, 5, 6):  # 6 ... 36 slots over 8 experts
+                idx, w = routing(t, 8, 6, seed=t)
+                x = torch.randn(t, 256).to(torch.bfloat16)
+                with torch.no_grad():
+                    assert_close(cpu_grouped_experts(ex, x, idx, w), reference_experts(ex, x, idx, w), torch.bfloat16)
+            assert calls == [t for t in (1, 2, 3, 5, 6) if 6 * t <= limit * 8]
+    finally:
+        torch.set_num_threads(threads)
 
 
-def test_cpu_native_decode_finds_pip_ninja(monkeypatch, tmp_path):
+def test_cpu_native_finds_pip_ninja(monkeypatch, tmp_path):
     """Without an activated venv, the pip ``ninja`` wheel's binary is put on PATH for the JIT build;
     with no ninja at all the kernel is reported unsupported (and the compiled path is used)."""
     from dsv41.kernels import cpu_ext
@@ -444,8 +505,8 @@ def test_cpu_native_decode_finds_pip_ninja(monkeypatch, tmp_path):
     monkeypatch.setenv("PATH", "/nonexistent")
     monkeypatch.setitem(sys.modules, "ninja", None)  # not installed
     assert not cpu_ext._ninja_on_path()
-    monkeypatch.setenv("DSV41_CPU_NATIVE_DECODE", "1")
-    ok, why = cpu_ext.cpu_decode_supported()
+    monkeypatch.setenv("DSV41_CPU_NATIVE", "1")
+    ok, why = cpu_ext.cpu_native_supported()
     assert not ok and ("ninja" in why or "AVX-512" in why or "x86-64" in why or "compiler" in why)
 
 
