@@ -12,7 +12,7 @@ is served from the L3 cache), and the medians are compared with two limits measu
   experts actually hit.
 
     python benchmarks/moe_cpu.py [--tokens 1 16 64 256 2048] [--dtypes bf16 fp32] [--repeats 5]
-                                 [--layers 4] [--out DIR] [--variants]
+                                 [--layers 4] [--out DIR] [--variants] [--chain]
 
 Writes moe_cpu.json, moe_cpu.md and moe_cpu.png under --out (default benchmarks/results).
 """
@@ -162,6 +162,52 @@ def bench_case(config, layers, router, dtype, tokens: int, impls: list[str], rep
     }
 
 
+def decode_chain(config, layers, router, dtype, repeats: int) -> dict:
+    """One token, each call after the same flush as the main cases: the time of every layer of our
+    decode call chain (ms, medians) — the native kernel alone, our Python dispatch around it, the
+    transformers experts module around that — and the module with a no-op experts function (the
+    framework's own cold-call floor), plus the hit bytes, so kernel-only bandwidth can be read off."""
+    from transformers.integrations.moe import ExpertsInterface
+
+    from dsv41.kernels import cpu_ext
+    from dsv41.modeling.moe_deepseek_v4 import cpu_grouped_experts
+
+    ExpertsInterface.register("dsv41_bench_noop", lambda self, hidden_states, idx, w: hidden_states)
+    x = torch.randn(1, H, generator=torch.Generator().manual_seed(7)).to(dtype)
+    with torch.no_grad():
+        _, weights, indices = router(x.float())
+    weights = weights.to(dtype)
+
+    def module(name):
+        def run(ex):
+            config._experts_implementation = name
+            return ex(x, indices, weights)
+
+        return run
+
+    fns = {}
+    if cpu_ext.cpu_native_supported()[0]:
+        kernel = cpu_ext.load_cpu_extension().moe_experts
+        fns["native kernel alone"] = lambda ex: kernel(ex.gate_up_proj, ex.down_proj, x, indices, weights, float(ex.limit), -1)
+    fns["cpu_grouped_experts()"] = lambda ex: cpu_grouped_experts(ex, x, indices, weights)
+    fns["transformers module (dsv41_cpu_grouped)"] = module("dsv41_cpu_grouped")
+    fns["transformers module (no-op experts)"] = module("dsv41_bench_noop")
+    times = {name: [] for name in fns}
+    with torch.no_grad():
+        for fn in fns.values():
+            fn(layers[0])
+        for r in range(repeats):
+            for name, fn in fns.items():
+                ex = layers[r % len(layers)]
+                flush_cache()
+                t0 = time.perf_counter()
+                fn(ex)
+                times[name].append(time.perf_counter() - t0)
+    hit = int(torch.unique(indices).numel())
+    return {"ms": {name: 1e3 * statistics.median(v) for name, v in times.items()},
+            "weight_bytes_hit": hit * 3 * H * I * (torch.finfo(dtype).bits // 8)}
+
+
 def summarize(case: dict, dense: float, bw: float) -> dict:
     t = case["time_s"]
     ours = t["dsv41_cpu_grouped"]
@@ -208,6 +254,12 @@ def write_outputs(results: dict, out: Path) -> None:
         if extra:
             lines += ["", f"Variant of ours with {what} (ms): "
                       + ", ".join(f"{r['dtype']} T={r['tokens']}: {r['time_s'][variant] * 1e3:.2f}" for r in extra)]
+    for dname, chain in results.get("decode_chain", {}).items():
+        lines += ["", f"Decode call chain, {dname}, one token after the flush (ms, medians; "
+                  f"{chain['weight_bytes_hit'] / 1e6:.1f} MB of hit weights): "
+                  + ", ".join(f"{name} {ms:.3f}" + (f" ({chain['weight_bytes_hit'] / ms / 1e6:.1f} GB/s)"
+                                                     if name == "native kernel alone" else "")
+                              for name, ms in chain["ms"].items())]
     lines += ["", "Targets: prefill (T=2048, bf16) >= 50% of dense and >= 3x eager; decode (T=1) >= 50% of copy "
               "bandwidth on the hit experts' bytes; never slower than the best transformers implementation."]
     (out / "moe_cpu.md").write_text("\n".join(lines) + "\n")
@@ -244,6 +296,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads (default: torch's choice); 1 is steadier on a shared, oversubscribed machine")
     parser.add_argument("--variants", action="store_true", help="also time our per-expert mm loop variant")
+    parser.add_argument("--chain", action="store_true",
+                        help="also time each layer of the one-token call chain (kernel, dispatch, module, no-op floor)")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -253,6 +307,7 @@ def main() -> None:
     print(f"memory copy: {bw / 1e9:.1f} GB/s (read + write), torch threads: {torch.get_num_threads()}")
     impls = ["eager", "grouped_mm", "dsv41_cpu_grouped"] + (["ours_loop", "ours_no_native"] if args.variants else [])
     rows = []
+    chains = {}
     rotation_mib = 0.0
     for dname in args.dtypes:
         dtype = DTYPES[dname]
@@ -276,6 +331,10 @@ def main() -> None:
                 f" | x{s['speedup_vs_eager']:.2f} eager, x{s['speedup_vs_grouped_mm']:.2f} grouped_mm",
                 flush=True,
             )
+        if args.chain:
+            chains[dname] = decode_chain(config, layers, router, dtype, repeats=max(15, 6 * args.repeats))
+            print(f"{dname} decode chain (ms): " + ", ".join(f"{n} {v:.3f}" for n, v in chains[dname]["ms"].items()),
+                  flush=True)
         del layers
     results = {
         "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
@@ -285,6 +344,7 @@ def main() -> None:
         "repeats": args.repeats,
         "dtypes": args.dtypes,
         "rows": rows,
+        **({"decode_chain": chains} if chains else {}),
     }
     write_outputs(results, args.out)
     print(f"wrote {args.out / 'moe_cpu.json'}, moe_cpu.md, moe_cpu.png")

@@ -89,13 +89,10 @@ _KERNEL: list = []  # the loaded extension's moe_experts, once it built
 def native_experts(gate_up: torch.Tensor, down: torch.Tensor, x: torch.Tensor, top_k_index: torch.Tensor,
                    top_k_weights: torch.Tensor, limit: float, bf16_dot: int = -1) -> torch.Tensor | None:
     """``x [T, H]``, ``top_k_index / top_k_weights [T, k]`` -> ``[T, H]`` in x's dtype, or None when the
-    kernel does not apply here (then the caller uses another path). ``bf16_dot``: -1 uses VDPBF16PS
-    for bf16 weights when the CPU has it, 0 widens bf16 to float32 instead (1 requires VDPBF16PS).
-    The checks are few and cheap on purpose: at one token this call is on the decode critical path."""
-    if x.device.type != "cpu" or gate_up.dtype not in (torch.bfloat16, torch.float32) or down.dtype != gate_up.dtype:
-        return None
-    if not (gate_up.is_contiguous() and down.is_contiguous()):
-        return None
+    kernel does not apply (weights that are not contiguous float32 / bfloat16, tensors not on CPU, or
+    no kernel here); then the caller uses another path. ``bf16_dot``: -1 uses VDPBF16PS for bf16
+    weights when the CPU has it, 0 widens bf16 to float32 instead (1 requires VDPBF16PS).
+    The applicability checks run in C++: at one token this call is on the decode critical path."""
     if not _KERNEL:
         if "failed" in _STATE:
             return None
@@ -111,5 +108,4 @@ def native_experts(gate_up: torch.Tensor, down: torch.Tensor, x: torch.Tensor, t
                           "paths", stacklevel=2)
             return None
         _STATE["ok"] = why
-    return _KERNEL[0](gate_up, down, x.contiguous(), top_k_index.contiguous(), top_k_weights.contiguous(),
-                      float(limit), bf16_dot)
+    return _KERNEL[0](gate_up, down, x, top_k_index, top_k_weights, float(limit), bf16_dot)

@@ -156,14 +156,16 @@ def _native_max_rows() -> int:
 
 
 def _native_experts(gate_up, down, x, top_k_index, top_k_weights, limit) -> torch.Tensor | None:
-    if not NATIVE_EXPERTS or x.device.type != "cpu" or torch.compiler.is_compiling():
+    """Few torch calls on purpose: at one token this is on the decode critical path (the kernels
+    check device, dtype and layout themselves and return None when they do not apply)."""
+    if not NATIVE_EXPERTS or torch.compiler.is_compiling():
         return None
     num_experts = gate_up.shape[0]
     num_slots = top_k_index.numel()
     if num_slots > _native_max_rows() * num_experts:
         return None
-    expert_bytes = (gate_up.shape[1] * gate_up.shape[2] + down.shape[1] * down.shape[2]) * gate_up.element_size()
-    if min(num_experts, num_slots) * expert_bytes < NATIVE_MIN_BYTES:
+    # hit bytes: gate_up holds 2/3 of every expert's weights
+    if min(num_experts, num_slots) * (gate_up.nbytes // num_experts) * 3 // 2 < NATIVE_MIN_BYTES:
         return None
     for native in NATIVE_EXPERTS:
         out = native(gate_up, down, x, top_k_index, top_k_weights, limit)
@@ -243,7 +245,7 @@ def cpu_grouped_experts(experts, hidden_states: torch.Tensor, top_k_index: torch
     if gemm == "auto" and num_tokens * k:
         native = _native_experts(gate_up, down, hidden_states, top_k_index, top_k_weights, experts.limit)
         if native is not None:
-            return native.to(hidden_states.dtype)
+            return native  # already in hidden_states' dtype
     if num_tokens == 1 and k and gemm == "auto":
         fused = _fused_decode(gate_up, down, hidden_states, top_k_index, top_k_weights, experts.limit)
         if fused is not None:

@@ -447,10 +447,20 @@ def test_cpu_native_reuses_buffers_safely():
 
 
 def test_cpu_native_rejects_bad_shapes():
-    """Mismatched shapes fail with a message naming both shapes, instead of reading out of bounds."""
+    """Mismatched shapes fail with a message naming both shapes, instead of reading out of bounds;
+    weights the kernel does not handle (fp16, non-contiguous, mixed dtypes) give None (another path
+    runs) and non-contiguous activations are handled."""
     cpu_ext = _native()
     ex = make_experts(4, 32, 16)
     idx, w = routing(2, 4, 2)
+    x = torch.randn(2, 32)
+    assert cpu_ext.native_experts(ex.gate_up_proj.half(), ex.down_proj.half(), x, idx, w, 1.0) is None
+    assert cpu_ext.native_experts(ex.gate_up_proj, ex.down_proj.bfloat16(), x, idx, w, 1.0) is None
+    strided = ex.gate_up_proj.transpose(1, 2).contiguous().transpose(1, 2)
+    assert cpu_ext.native_experts(strided, ex.down_proj, x, idx, w, 1.0) is None
+    x_t = torch.randn(32, 2).t()  # a transposed view
+    assert_close(cpu_ext.native_experts(ex.gate_up_proj, ex.down_proj, x_t, idx, w, 1.0),
+                 reference_experts(ex, x_t, idx, w), torch.float32)
     with pytest.raises(RuntimeError, match=r"x must be \[T, 32\], got \[2, 31\]"):
         cpu_ext.native_experts(ex.gate_up_proj, ex.down_proj, torch.randn(2, 31), idx, w, 1.0)
     with pytest.raises(RuntimeError, match="top_k_index and top_k_weights"):

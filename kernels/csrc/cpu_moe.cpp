@@ -20,6 +20,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <optional>
 #include <vector>
 
 namespace {
@@ -281,14 +282,20 @@ bool cpu_has_avx512_bf16() {
 }  // namespace
 
 // x [T, H] (float32 / bfloat16 / float16), top_k_index [T, k] (integer), top_k_weights [T, k] (floating)
-// -> [T, H] in x's dtype. bf16_dot: -1 auto (VDPBF16PS when the CPU has it), 0 never, 1 required.
-torch::Tensor moe_experts(torch::Tensor gate_up, torch::Tensor down, torch::Tensor x, torch::Tensor top_k_index,
-                          torch::Tensor top_k_weights, double limit, int64_t bf16_dot) {
+// -> [T, H] in x's dtype, or None when the kernel does not apply (weights not contiguous float32 /
+// bfloat16 of one dtype, or not on CPU: the caller then uses another path); shapes that do not fit
+// together raise. bf16_dot: -1 auto (VDPBF16PS when the CPU has it), 0 never, 1 required. The
+// applicability checks live here rather than in Python: at one token they are on the critical path.
+std::optional<torch::Tensor> moe_experts(torch::Tensor gate_up, torch::Tensor down, torch::Tensor x,
+                                         torch::Tensor top_k_index, torch::Tensor top_k_weights, double limit,
+                                         int64_t bf16_dot) {
+  const auto dtype = gate_up.scalar_type();
+  if (!gate_up.device().is_cpu() || !down.device().is_cpu() || !x.device().is_cpu() || !top_k_index.device().is_cpu() ||
+      !top_k_weights.device().is_cpu() || (dtype != torch::kBFloat16 && dtype != torch::kFloat32) ||
+      down.scalar_type() != dtype || !gate_up.is_contiguous() || !down.is_contiguous())
+    return std::nullopt;
   TORCH_CHECK(gate_up.dim() == 3 && down.dim() == 3, "gate_up and down must be [E, 2I, H] and [E, H, I], got ",
               gate_up.sizes(), " and ", down.sizes());
-  TORCH_CHECK(gate_up.is_contiguous() && down.is_contiguous(), "expert weights must be contiguous");
-  TORCH_CHECK(gate_up.scalar_type() == down.scalar_type(), "gate_up and down must share a dtype, got ",
-              gate_up.scalar_type(), " and ", down.scalar_type());
   const int64_t num_experts = gate_up.size(0), hidden = gate_up.size(2), inter = down.size(2);
   TORCH_CHECK(gate_up.size(1) == 2 * inter && down.size(0) == num_experts && down.size(1) == hidden,
               "expert shapes do not match: gate_up ", gate_up.sizes(), ", down ", down.sizes());
@@ -296,10 +303,9 @@ torch::Tensor moe_experts(torch::Tensor gate_up, torch::Tensor down, torch::Tens
   TORCH_CHECK(top_k_index.dim() == 2 && top_k_index.size(0) == x.size(0) && top_k_weights.sizes() == top_k_index.sizes(),
               "top_k_index and top_k_weights must both be [T, k] with T = ", x.size(0), ", got ", top_k_index.sizes(),
               " and ", top_k_weights.sizes());
-  TORCH_CHECK(x.device().is_cpu() && gate_up.device().is_cpu() && top_k_index.device().is_cpu(),
-              "moe_experts runs on CPU tensors");
-  TORCH_CHECK(x.is_contiguous() && top_k_index.is_contiguous() && top_k_weights.is_contiguous(),
-              "x, top_k_index and top_k_weights must be contiguous");
+  x = x.contiguous();
+  top_k_index = top_k_index.contiguous();
+  top_k_weights = top_k_weights.contiguous();
   const int64_t tokens = x.size(0), k = top_k_index.size(1);
 
   // counting sort of the valid (token, expert) slots by expert
@@ -349,8 +355,6 @@ torch::Tensor moe_experts(torch::Tensor gate_up, torch::Tensor down, torch::Tens
                                   row_weight, groups, hidden, inter, lim, y);
       }
     } else {
-      TORCH_CHECK(gate_up.scalar_type() == torch::kFloat32, "expert weights must be bfloat16 or float32, got ",
-                  gate_up.scalar_type());
       thread_local std::vector<float> xf;
       experts_forward<F32>(gate_up.data_ptr<float>(), down.data_ptr<float>(), activations<float>(x, xf), row_token,
                            row_weight, groups, hidden, inter, lim, y);
