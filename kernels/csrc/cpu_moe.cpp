@@ -43,16 +43,10 @@ struct F32 {
   static __m512 madd(__m512 acc, V w, V a) { return _mm512_fmadd_ps(w, a, acc); }
 };
 
-struct Bf16Wide {
+struct Bf16Wide : F32 {  // bf16 weights widened to float32; activations, step and FMA as F32
   using W = bf16;
-  using A = float;
-  using V = __m512;
-  static constexpr int kStep = 16;
   static V load_w(const W* p) { return widen(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
   static V load_w(const W* p, __mmask32 m) { return widen(_mm256_maskz_loadu_epi16(static_cast<__mmask16>(m), p)); }
-  static V load_a(const A* p) { return _mm512_loadu_ps(p); }
-  static V load_a(const A* p, __mmask32 m) { return _mm512_maskz_loadu_ps(static_cast<__mmask16>(m), p); }
-  static __m512 madd(__m512 acc, V w, V a) { return _mm512_fmadd_ps(w, a, acc); }
 };
 
 struct Bf16Dot {
