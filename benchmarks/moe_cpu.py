@@ -98,15 +98,49 @@ def flush_cache() -> None:
     _FLUSH[0].sum()
 
 
+def route(router, x: torch.Tensor, dtype: torch.dtype):
+    """(weights in dtype, indices) chosen by the layer's router for x."""
+    with torch.no_grad():
+        _, weights, indices = router(x.float())
+    return weights.to(dtype), indices
+
+
+def via_module(config, name: str, x, indices, weights):
+    """A call of the transformers experts module with experts implementation ``name``."""
+    def run(ex):
+        config._experts_implementation = name
+        return ex(x, indices, weights)
+
+    return run
+
+
+def time_interleaved(fns: dict, layers, repeats: int) -> dict[str, list[float]]:
+    """Seconds per call of every fn, interleaved: each repeat runs every fn once, on the next layer
+    of the rotation, after reading the flush buffer (so no call is served from the L3 cache)."""
+    times = {name: [] for name in fns}
+    counter = 0
+    with torch.no_grad():
+        for fn in fns.values():  # warm-up
+            fn(layers[counter % len(layers)])
+            counter += 1
+        for _ in range(repeats):
+            for name, fn in fns.items():
+                ex = layers[counter % len(layers)]
+                counter += 1
+                flush_cache()
+                t0 = time.perf_counter()
+                fn(ex)
+                times[name].append(time.perf_counter() - t0)
+    return times
+
+
 def bench_case(config, layers, router, dtype, tokens: int, impls: list[str], repeats: int, seed: int) -> dict:
     from dsv41.modeling import moe_deepseek_v4 as moe
     from dsv41.modeling.moe_deepseek_v4 import cpu_grouped_experts
 
     gen = torch.Generator().manual_seed(seed + tokens)
     x = torch.randn(tokens, H, generator=gen).to(dtype)
-    with torch.no_grad():
-        _, weights, indices = router(x.float())
-    weights = weights.to(dtype)
+    weights, indices = route(router, x, dtype)
     hit = int(torch.unique(indices).numel())
     fns = {}
     for name in impls:
@@ -123,11 +157,7 @@ def bench_case(config, layers, router, dtype, tokens: int, impls: list[str], rep
 
             fns[name] = without_native
         else:
-            def run(ex, name=name):
-                config._experts_implementation = name
-                return ex(x, indices, weights)
-
-            fns[name] = run
+            fns[name] = via_module(config, name, x, indices, weights)
     # correctness guard: every implementation agrees with eager on this input
     with torch.no_grad():
         ref = fns["eager"](layers[0]).float()
@@ -136,20 +166,7 @@ def bench_case(config, layers, router, dtype, tokens: int, impls: list[str], rep
             limit = 2e-2 if dtype == torch.bfloat16 else 1e-4
             if not err <= limit:
                 raise SystemExit(f"{name} disagrees with eager at T={tokens}: relative error {err:.3g} > {limit}")
-    times = {name: [] for name in fns}
-    counter = 0
-    with torch.no_grad():
-        for name, fn in fns.items():  # warm-up
-            fn(layers[counter % len(layers)])
-            counter += 1
-        for _ in range(repeats):
-            for name, fn in fns.items():
-                ex = layers[counter % len(layers)]
-                counter += 1
-                flush_cache()
-                t0 = time.perf_counter()
-                fn(ex)
-                times[name].append(time.perf_counter() - t0)
+    times = time_interleaved(fns, layers, repeats)
     med = {name: statistics.median(v) for name, v in times.items()}
     elem = torch.finfo(dtype).bits // 8
     return {
@@ -174,35 +191,15 @@ def decode_chain(config, layers, router, dtype, repeats: int) -> dict:
 
     ExpertsInterface.register("dsv41_bench_noop", lambda self, hidden_states, idx, w: hidden_states)
     x = torch.randn(1, H, generator=torch.Generator().manual_seed(7)).to(dtype)
-    with torch.no_grad():
-        _, weights, indices = router(x.float())
-    weights = weights.to(dtype)
-
-    def module(name):
-        def run(ex):
-            config._experts_implementation = name
-            return ex(x, indices, weights)
-
-        return run
-
+    weights, indices = route(router, x, dtype)
     fns = {}
     if cpu_ext.cpu_native_supported()[0]:
         kernel = cpu_ext.load_cpu_extension().moe_experts
         fns["native kernel alone"] = lambda ex: kernel(ex.gate_up_proj, ex.down_proj, x, indices, weights, float(ex.limit), -1)
     fns["cpu_grouped_experts()"] = lambda ex: cpu_grouped_experts(ex, x, indices, weights)
-    fns["transformers module (dsv41_cpu_grouped)"] = module("dsv41_cpu_grouped")
-    fns["transformers module (no-op experts)"] = module("dsv41_bench_noop")
-    times = {name: [] for name in fns}
-    with torch.no_grad():
-        for fn in fns.values():
-            fn(layers[0])
-        for r in range(repeats):
-            for name, fn in fns.items():
-                ex = layers[r % len(layers)]
-                flush_cache()
-                t0 = time.perf_counter()
-                fn(ex)
-                times[name].append(time.perf_counter() - t0)
+    fns["transformers module (dsv41_cpu_grouped)"] = via_module(config, "dsv41_cpu_grouped", x, indices, weights)
+    fns["transformers module (no-op experts)"] = via_module(config, "dsv41_bench_noop", x, indices, weights)
+    times = time_interleaved(fns, layers, repeats)
     hit = int(torch.unique(indices).numel())
     return {"ms": {name: 1e3 * statistics.median(v) for name, v in times.items()},
             "weight_bytes_hit": hit * 3 * H * I * (torch.finfo(dtype).bits // 8)}
